@@ -1,0 +1,111 @@
+"""Class-conditional DDPM with classifier-free guidance (Ho & Salimans 2022) and an EMA of the weights.
+
+The unconditional script plus labels, guidance and EMA: it imports ddpm.py and extends it.
+
+    python ddpm_conditional.py                      # the embedded digits, no download
+    python ddpm_conditional.py --dataset_path ~/data/cifar10-64/train --num_classes 10 --image_size 64
+"""
+import argparse
+
+import torch
+import torch.nn as nn
+
+import ddpm
+from modules import EMA, UNet_conditional
+from utils import UserError, run_main
+
+
+class Diffusion(ddpm.Diffusion):
+    """The unconditional Diffusion whose noise prediction takes labels and classifier-free guidance."""
+
+    def predict_noise(self, model: nn.Module, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor,
+                      cfg_scale: float = 3) -> torch.Tensor:
+        """eps = lerp(eps_uncond, eps_cond, cfg_scale) = eps_uncond + cfg_scale * (eps_cond - eps_uncond).
+
+        cfg_scale is the guidance paper's w + 1: 1 is plain conditional sampling, and 0 is treated
+        as 1 (as the original does). Both halves come from ONE forward pass on a batch of 2n.
+        """
+        if cfg_scale in (0, 1):
+            return model(x, t, labels)
+        no_label = torch.full_like(labels, -1)
+        eps_cond, eps_uncond = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([labels, no_label])).chunk(2)
+        return torch.lerp(eps_uncond.float(), eps_cond.float(), cfg_scale)
+
+    def sample(self, model: nn.Module, n: int, labels: torch.Tensor, cfg_scale: float = 3, **kwargs) -> torch.Tensor:
+        """n images of the classes `labels` (n of them); see ddpm.Diffusion.sample for the sampler options."""
+        num_classes = getattr(model, "module", model).num_classes
+        labels = torch.as_tensor(labels, dtype=torch.long, device=next(model.parameters()).device).reshape(-1)
+        if labels.numel() != n:
+            raise ValueError(f"got {labels.numel()} labels for n={n} images: give one label per image")
+        if labels.numel() and (labels.min() < 0 or labels.max() >= num_classes):
+            raise ValueError(f"labels must be in [0, {num_classes}) for this model, got {labels.tolist()}")
+        return super().sample(model, n, labels=labels, cfg_scale=cfg_scale, **kwargs)
+
+
+class Trainer(ddpm.Trainer):
+    """The unconditional training loop plus per-sample label dropout and an EMA model."""
+
+    diffusion_class = Diffusion
+
+    def __init__(self, args: argparse.Namespace):
+        super().__init__(args)
+        self.ema = EMA(args.ema_beta, args.ema_start)
+        self.ema_model = EMA.copy_of(self.model)
+
+    def build_model(self) -> nn.Module:
+        a = self.args
+        if a.num_classes is None:
+            a.num_classes = a.num_classes_found
+        elif a.num_classes != a.num_classes_found:
+            raise UserError(f"--num_classes {a.num_classes} does not match the {a.num_classes_found} classes "
+                            f"found in the data ({', '.join(a.class_names[:12])}): drop the flag or fix the folder")
+        return UNet_conditional(c_in=a.c_in, c_out=a.c_in, num_classes=a.num_classes, width=a.width)
+
+    def run_config(self) -> dict:
+        return {**super().run_config(), "num_classes": self.args.num_classes}
+
+    def predict(self, x_t: torch.Tensor, t: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        # Drop each sample's label with probability label_drop: the model also learns eps(x_t, t).
+        drop = torch.rand(labels.shape, device=labels.device) < self.args.label_drop
+        return self.model(x_t, t, labels.masked_fill(drop, -1))
+
+    def after_step(self) -> None:
+        self.ema.step_ema(self.ema_model, self.model)
+
+    def sample_grids(self) -> dict[str, torch.Tensor]:
+        """One row per class, `n_samples` columns, from the model and from the EMA model."""
+        a = self.args
+        labels = torch.arange(a.num_classes, device=self.device).repeat_interleave(a.n_samples)
+        with self.autocast():
+            return {suffix: self.diffusion.sample(model, len(labels), labels, a.cfg_scale, **self.grid_sampler())
+                    for suffix, model in (("", self.model), ("_ema", self.ema_model))}
+
+    def grid_nrow(self, images: torch.Tensor) -> int:
+        return self.args.n_samples
+
+    def state_dicts(self) -> dict[str, dict]:
+        return {**super().state_dicts(), "ema_ckpt.pt": self.ema_model.state_dict()}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = ddpm.build_parser("Train a class-conditional DDPM with classifier-free guidance.", "DDPM_conditional")
+    p.set_defaults(n_samples=8)
+    p.add_argument("--num_classes", type=int, default=None, help="number of classes (default: from the data)")
+    p.add_argument("--cfg_scale", type=float, default=3.0, help="guidance scale of the sample grids (1 = none)")
+    p.add_argument("--label_drop", type=float, default=0.1, help="probability that a sample's label is dropped")
+    p.add_argument("--ema_beta", type=float, default=0.995, help="EMA decay per step")
+    p.add_argument("--ema_start", type=int, default=2000, help="steps during which the EMA only copies the model")
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = ddpm.parse_args(build_parser(), argv)
+    if not 0 <= args.label_drop < 1:
+        raise UserError(f"--label_drop must be in [0, 1), got {args.label_drop}")
+    if not 0 <= args.ema_beta < 1:
+        raise UserError(f"--ema_beta must be in [0, 1), got {args.ema_beta}")
+    Trainer(args).fit()
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -1,0 +1,220 @@
+"""The denoising network: a UNet with self-attention and sinusoidal time encoding, its
+class-conditional variant, and an exponential moving average of the weights.
+
+Parameter names and shapes at the default arguments equal the original repository's, so its
+checkpoints load with `load_state_dict(..., strict=True)`.
+"""
+import copy
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class EMA:
+    """Exponential moving average of a model's weights: ema = beta * ema + (1 - beta) * model.
+
+    For the first `step_start_ema` updates the EMA model is a plain copy (early weights are
+    noise; averaging them in would only slow the EMA down). `step` counts updates and is part of
+    `state_dict()`, so a resumed run continues the same average.
+    """
+
+    def __init__(self, beta: float = 0.995, step_start_ema: int = 2000):
+        self.beta = beta
+        self.step_start_ema = step_start_ema
+        self.step = 0
+
+    @torch.no_grad()
+    def step_ema(self, ema_model: nn.Module, model: nn.Module, step_start_ema: int | None = None) -> None:
+        start = self.step_start_ema if step_start_ema is None else step_start_ema
+        if self.step < start:
+            self.reset_parameters(ema_model, model)
+        else:
+            self.update_model_average(ema_model, model)
+        self.step += 1
+
+    @torch.no_grad()
+    def update_model_average(self, ema_model: nn.Module, model: nn.Module) -> None:
+        # One fused multi-tensor pass: ema += (1 - beta) * (model - ema).
+        torch._foreach_lerp_(list(ema_model.parameters()), list(model.parameters()), 1.0 - self.beta)
+        for ema_b, b in zip(ema_model.buffers(), model.buffers()):
+            ema_b.copy_(b)
+
+    @torch.no_grad()
+    def reset_parameters(self, ema_model: nn.Module, model: nn.Module) -> None:
+        ema_model.load_state_dict(model.state_dict())
+
+    def state_dict(self) -> dict:
+        return {"beta": self.beta, "step_start_ema": self.step_start_ema, "step": self.step}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.beta, self.step_start_ema, self.step = state["beta"], state["step_start_ema"], state["step"]
+
+    @staticmethod
+    def copy_of(model: nn.Module) -> nn.Module:
+        """A frozen deep copy of `model` to hold the averaged weights."""
+        return copy.deepcopy(model).eval().requires_grad_(False)
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention over the H*W positions, then a feed-forward block; both residual.
+
+    The weights live in an `nn.MultiheadAttention` (for the original's parameter names) but the
+    attention runs through `F.scaled_dot_product_attention`, which never materialises the
+    (HW x HW) weight matrix. Any spatial size works: H and W are read from the input.
+    """
+
+    def __init__(self, channels: int, heads: int = 4):
+        super().__init__()
+        self.heads = heads
+        self.mha = nn.MultiheadAttention(channels, heads, batch_first=True)
+        self.ln = nn.LayerNorm([channels])
+        self.ff_self = nn.Sequential(
+            nn.LayerNorm([channels]),
+            nn.Linear(channels, channels),
+            nn.GELU(),
+            nn.Linear(channels, channels),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, C, H, W = x.shape
+        x = x.flatten(2).transpose(1, 2)  # (B, HW, C)
+        q, k, v = F.linear(self.ln(x), self.mha.in_proj_weight, self.mha.in_proj_bias).chunk(3, dim=-1)
+        q, k, v = (z.unflatten(-1, (self.heads, C // self.heads)).transpose(1, 2) for z in (q, k, v))
+        attn = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2)
+        x = x + self.mha.out_proj(attn)
+        x = x + self.ff_self(x)
+        return x.transpose(1, 2).unflatten(2, (H, W))
+
+
+class DoubleConv(nn.Module):
+    """(conv3x3 -> GroupNorm -> GELU -> conv3x3 -> GroupNorm), optionally residual."""
+
+    def __init__(self, in_channels: int, out_channels: int, mid_channels: int | None = None, residual: bool = False):
+        super().__init__()
+        self.residual = residual
+        mid_channels = mid_channels or out_channels
+        self.double_conv = nn.Sequential(
+            nn.Conv2d(in_channels, mid_channels, kernel_size=3, padding=1, bias=False),
+            nn.GroupNorm(1, mid_channels),
+            nn.GELU(),
+            nn.Conv2d(mid_channels, out_channels, kernel_size=3, padding=1, bias=False),
+            nn.GroupNorm(1, out_channels),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.residual:
+            return F.gelu(x + self.double_conv(x))
+        return self.double_conv(x)
+
+
+class Down(nn.Module):
+    """Halve the resolution, convolve, and add the projected time embedding to every pixel."""
+
+    def __init__(self, in_channels: int, out_channels: int, emb_dim: int = 256):
+        super().__init__()
+        self.maxpool_conv = nn.Sequential(
+            nn.MaxPool2d(2),
+            DoubleConv(in_channels, in_channels, residual=True),
+            DoubleConv(in_channels, out_channels),
+        )
+        self.emb_layer = nn.Sequential(nn.SiLU(), nn.Linear(emb_dim, out_channels))
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return self.maxpool_conv(x) + self.emb_layer(t)[:, :, None, None]
+
+
+class Up(nn.Module):
+    """Double the resolution, concatenate the skip connection, convolve, add the time embedding."""
+
+    def __init__(self, in_channels: int, out_channels: int, emb_dim: int = 256):
+        super().__init__()
+        self.up = nn.Upsample(scale_factor=2, mode="bilinear", align_corners=True)
+        self.conv = nn.Sequential(
+            DoubleConv(in_channels, in_channels, residual=True),
+            DoubleConv(in_channels, out_channels, in_channels // 2),
+        )
+        self.emb_layer = nn.Sequential(nn.SiLU(), nn.Linear(emb_dim, out_channels))
+
+    def forward(self, x: torch.Tensor, skip_x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        x = torch.cat([skip_x, self.up(x)], dim=1)
+        return self.conv(x) + self.emb_layer(t)[:, :, None, None]
+
+
+class UNet(nn.Module):
+    """The noise predictor eps_theta(x_t, t).
+
+    `width` is the base channel count (64 in the original); every layer scales with it. Image
+    sides must be divisible by 8 (three 2x downsamplings). `device` is accepted for old notebooks
+    and ignored: everything follows the device of the input.
+    """
+
+    def __init__(self, c_in: int = 3, c_out: int = 3, time_dim: int = 256, width: int = 64, device=None):
+        super().__init__()
+        w = width
+        self.time_dim = time_dim
+        self.inc = DoubleConv(c_in, w)
+        self.down1 = Down(w, 2 * w, time_dim)
+        self.sa1 = SelfAttention(2 * w)
+        self.down2 = Down(2 * w, 4 * w, time_dim)
+        self.sa2 = SelfAttention(4 * w)
+        self.down3 = Down(4 * w, 4 * w, time_dim)
+        self.sa3 = SelfAttention(4 * w)
+
+        self.bot1 = DoubleConv(4 * w, 8 * w)
+        self.bot2 = DoubleConv(8 * w, 8 * w)
+        self.bot3 = DoubleConv(8 * w, 4 * w)
+
+        self.up1 = Up(8 * w, 2 * w, time_dim)
+        self.sa4 = SelfAttention(2 * w)
+        self.up2 = Up(4 * w, w, time_dim)
+        self.sa5 = SelfAttention(w)
+        self.up3 = Up(2 * w, w, time_dim)
+        self.sa6 = SelfAttention(w)
+        self.outc = nn.Conv2d(w, c_out, kernel_size=1)
+
+    def pos_encoding(self, t: torch.Tensor, channels: int) -> torch.Tensor:
+        """Sinusoidal encoding of the timestep: [sin(t * f), cos(t * f)], f = 10000^(-2i/channels)."""
+        inv_freq = 1.0 / (10000 ** (torch.arange(0, channels, 2, device=t.device).float() / channels))
+        angles = t[:, None].float() * inv_freq[None, :]
+        return torch.cat([angles.sin(), angles.cos()], dim=-1)
+
+    def unet_forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        x1 = self.inc(x)
+        x2 = self.sa1(self.down1(x1, t))
+        x3 = self.sa2(self.down2(x2, t))
+        x4 = self.sa3(self.down3(x3, t))
+
+        x4 = self.bot3(self.bot2(self.bot1(x4)))
+
+        x = self.sa4(self.up1(x4, x3, t))
+        x = self.sa5(self.up2(x, x2, t))
+        x = self.sa6(self.up3(x, x1, t))
+        return self.outc(x)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return self.unet_forward(x, self.pos_encoding(t, self.time_dim))
+
+
+class UNet_conditional(UNet):
+    """The UNet with a learned class embedding added to the time encoding.
+
+    Label -1 means "no label": nothing is added for that sample, exactly as the original's
+    `y=None` path. This lets label dropout and classifier-free guidance mix conditional and
+    unconditional samples in one batch while keeping the original's `label_emb` shape.
+    """
+
+    def __init__(self, c_in: int = 3, c_out: int = 3, time_dim: int = 256, num_classes: int | None = None,
+                 width: int = 64, device=None):
+        super().__init__(c_in, c_out, time_dim, width)
+        if num_classes is None:
+            raise ValueError("UNet_conditional needs num_classes (the number of classes in the dataset)")
+        self.num_classes = num_classes
+        self.label_emb = nn.Embedding(num_classes, time_dim)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        emb = self.pos_encoding(t, self.time_dim)
+        if y is not None:
+            keep = (y >= 0).unsqueeze(-1)
+            emb = emb + self.label_emb(y.clamp(min=0)) * keep
+        return self.unet_forward(x, emb)

