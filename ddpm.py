@@ -26,9 +26,11 @@ class Diffusion:
     """
 
     def __init__(self, noise_steps: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02,
-                 img_size: int = 256, device=None, c_in: int = 3):
+                 img_size: int = 256, device=None, c_in: int = 3, schedule: str = "linear"):
+        if schedule not in ("linear", "cosine"):
+            raise ValueError(f"schedule must be 'linear' or 'cosine', got '{schedule}'")
         self.noise_steps = noise_steps
-        self.beta_start, self.beta_end = beta_start, beta_end
+        self.beta_start, self.beta_end, self.schedule = beta_start, beta_end, schedule
         self.img_size, self.c_in = img_size, c_in
         self.device = torch.device(device or "cpu")
 
@@ -37,8 +39,19 @@ class Diffusion:
         self.alpha_hat = torch.cumprod(self.alpha, dim=0)
 
     def prepare_noise_schedule(self) -> torch.Tensor:
-        """beta_t, linear from beta_start to beta_end (Ho et al. 2020, section 4)."""
-        return torch.linspace(self.beta_start, self.beta_end, self.noise_steps)
+        """beta_t: linear from beta_start to beta_end (Ho et al. 2020, section 4), or cosine.
+
+        The cosine schedule (Nichol & Dhariwal 2021, eq. 17) sets alpha_hat_t = f(t) / f(0) with
+        f(t) = cos^2((t/T + s) / (1 + s) * pi/2), s = 0.008, and beta_t = 1 - alpha_hat_t / alpha_hat_{t-1},
+        clipped at 0.999.
+        """
+        if self.schedule == "linear":
+            return torch.linspace(self.beta_start, self.beta_end, self.noise_steps)
+        s = 0.008
+        f = torch.cos((torch.arange(self.noise_steps + 1, dtype=torch.float64) / self.noise_steps + s) / (1 + s)
+                      * math.pi / 2) ** 2
+        alpha_hat = f / f[0]
+        return (1 - alpha_hat[1:] / alpha_hat[:-1]).clamp(max=0.999).float()
 
     def _to(self, device: torch.device) -> None:
         """Follow the data: the schedule moves to whichever device the model runs on."""
@@ -171,7 +184,8 @@ class Trainer:
             "model": type(self.model).__name__,
             "model_args": dict(c_in=a.c_in, c_out=a.c_in, time_dim=self.model.time_dim, width=a.width),
             "diffusion_args": dict(noise_steps=a.noise_steps, beta_start=self.diffusion.beta_start,
-                                   beta_end=self.diffusion.beta_end, img_size=a.image_size, c_in=a.c_in),
+                                   beta_end=self.diffusion.beta_end, img_size=a.image_size, c_in=a.c_in,
+                                   schedule=a.schedule),
             "class_names": a.class_names,
             "dataset_path": a.dataset_path,
             "command": a.command,
@@ -184,7 +198,8 @@ class Trainer:
 
     def build_diffusion(self) -> Diffusion:
         a = self.args
-        return self.diffusion_class(noise_steps=a.noise_steps, img_size=a.image_size, device=self.device, c_in=a.c_in)
+        return self.diffusion_class(noise_steps=a.noise_steps, img_size=a.image_size, device=self.device, c_in=a.c_in,
+                                    schedule=a.schedule)
 
     def autocast(self):
         return torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None)
@@ -200,6 +215,18 @@ class Trainer:
     def predict(self, x_t: torch.Tensor, t: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return self.model(x_t, t)
 
+    def train_step(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """One optimizer step on a batch; returns the (detached) loss without syncing the device."""
+        loss = self.loss(images, labels)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        self.after_step()
+        self.step += 1
+        return loss.detach()
+
     def after_step(self) -> None:
         """Called after every optimizer step (the conditional trainer updates its EMA here)."""
 
@@ -209,8 +236,8 @@ class Trainer:
             return {"": self.diffusion.sample(self.model, self.args.n_samples, **self.grid_sampler())}
 
     def grid_sampler(self) -> dict:
-        """In-training grids use DDIM: seconds instead of the minutes of the full chain."""
-        return dict(sampler="ddim", steps=min(self.args.sample_steps, self.args.noise_steps - 1))
+        """In-training grids use the ancestral chain respaced to `sample_steps` steps: seconds, not minutes."""
+        return dict(sampler="ddpm", steps=min(self.args.sample_steps, self.args.noise_steps - 1))
 
     def state_dicts(self) -> dict[str, dict]:
         return {"ckpt.pt": self.model.state_dict(), "optim.pt": self.optimizer.state_dict()}
@@ -238,17 +265,9 @@ class Trainer:
             pbar = tqdm(self.loader, desc=f"epoch {epoch}", dynamic_ncols=True)
             running, count = torch.zeros((), device=self.device), 0
             for i, (images, labels) in enumerate(pbar):
-                images = images.to(self.device, non_blocking=True)
-                labels = labels.to(self.device, non_blocking=True)
-                loss = self.loss(images, labels)
-                self.optimizer.zero_grad(set_to_none=True)
-                self.scaler.scale(loss).backward()
-                self.scaler.step(self.optimizer)
-                self.scaler.update()
-                self.scheduler.step()
-                self.after_step()
-                self.step += 1
-                running += loss.detach()
+                loss = self.train_step(images.to(self.device, non_blocking=True),
+                                       labels.to(self.device, non_blocking=True))
+                running += loss
                 count += 1
                 if count == a.log_every or i == len(self.loader) - 1:
                     mse = running.item() / count  # the only host sync, once per log_every steps
@@ -280,8 +299,8 @@ def lr_factor(step: int, args: argparse.Namespace, total_steps: int) -> float:
 # Defaults that depend on the data. The embedded digits get a recipe that shows digits after
 # about 25 minutes on 2 CPU cores; a folder of images gets the original's landscape recipe.
 RECIPES = {
-    "digits": dict(image_size=32, width=32, batch_size=64, epochs=40, lr=1e-3, warmup=200, lr_schedule="cosine",
-                   sample_every=10),
+    "digits": dict(image_size=16, width=32, batch_size=64, epochs=60, lr=2e-3, warmup=200, lr_schedule="cosine",
+                   sample_every=20),
     "folder": dict(image_size=64, width=64, batch_size=12, epochs=500, lr=3e-4, warmup=0, lr_schedule="constant",
                    sample_every=1),
 }
@@ -308,6 +327,8 @@ def build_parser(description: str = "Train an unconditional DDPM.", run_name: st
                    help=f"after warm-up {recipe('lr_schedule')}")
     p.add_argument("--weight_decay", type=float, default=0.01, help="AdamW weight decay")
     p.add_argument("--noise_steps", type=int, default=1000, help="diffusion steps T")
+    p.add_argument("--schedule", choices=["linear", "cosine"], default="linear",
+                   help="noise schedule: linear (the original's) or cosine (Nichol & Dhariwal 2021)")
     p.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps")
     p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
                    help="autocast precision; auto = bf16 where the hardware does it natively, else fp32")
@@ -316,7 +337,7 @@ def build_parser(description: str = "Train an unconditional DDPM.", run_name: st
     p.add_argument("--sample_every", type=int, default=None,
                    help=f"epochs between sample grids, 0 = never; the last epoch always gets one {recipe('sample_every')}")
     p.add_argument("--n_samples", type=int, default=16, help="images in each sample grid (conditional: per class)")
-    p.add_argument("--sample_steps", type=int, default=50, help="DDIM steps for the in-training sample grids")
+    p.add_argument("--sample_steps", type=int, default=50, help="steps of the (respaced ancestral) sampler for the in-training grids")
     p.add_argument("--log_every", type=int, default=10, help="steps between loss logs (each one syncs the device)")
     p.add_argument("--num_workers", type=int, default=None, help="data-loading processes for a folder (default: min(4, cores))")
     return p

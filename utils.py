@@ -263,6 +263,7 @@ def make_grid(images: torch.Tensor, nrow: int = 8) -> torch.Tensor:
 def save_images(images: torch.Tensor, path: str | Path, nrow: int = 8) -> None:
     """Save uint8 images (N, C, H, W) as one grid image, `nrow` images per row."""
     array = make_grid(images, nrow).permute(1, 2, 0).numpy()
+    array = array[..., 0] if array.shape[-1] == 1 else array  # a single grayscale image
     fmt = Image.registered_extensions().get(Path(path).suffix.lower(), "PNG")
     atomic_write(path, lambda f: Image.fromarray(array).save(f, format=fmt))
 
@@ -273,6 +274,6 @@ def plot_images(images: torch.Tensor, nrow: int = 8):
 
     grid = make_grid(images, nrow).permute(1, 2, 0).numpy()
     fig = plt.figure(figsize=(min(16, grid.shape[1] / 32), min(16, grid.shape[0] / 32)))
-    plt.imshow(grid)
+    plt.imshow(grid[..., 0] if grid.shape[-1] == 1 else grid, cmap="gray")
     plt.axis("off")
     return fig
