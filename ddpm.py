@@ -5,17 +5,22 @@
 """
 import argparse
 import math
+import signal
 import sys
+from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils.data import DataLoader, DistributedSampler
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 from modules import UNet
-from utils import (UserError, autocast_dtype, get_data, load_checkpoint, make_grid, pick_device, run_main,
-                   save_checkpoint, save_images, save_json, seed_everything, setup_logging)
+from utils import (UserError, autocast_dtype, barrier, get_data, init_distributed, load_checkpoint, make_grid,
+                   pick_device, run_main, save_checkpoint, save_images, save_json, seed_everything, setup_logging)
 
 
 class Diffusion:
@@ -158,24 +163,39 @@ class Trainer:
 
     diffusion_class = Diffusion
 
-    def __init__(self, args: argparse.Namespace):
+    def __init__(self, args: argparse.Namespace, loader: DataLoader | None = None):
         self.args = args
-        self.device = pick_device(args.device)
+        self.rank, self.world_size, self.device = init_distributed(pick_device(args.device))
+        self.is_main = self.rank == 0  # only rank 0 writes files, grids and TensorBoard
         args.device = str(self.device)
-        seed_everything(args.seed)
-        setup_logging(args.run_name)
-        self.loader = get_data(args)
+        seed_everything(args.seed + self.rank)  # each rank draws its own noise; DDP syncs the initial weights
+        if self.is_main:
+            setup_logging(args.run_name)
+        barrier()
+        self.loader = get_data(args) if loader is None else loader
         self.model = self.build_model().to(self.device)
+        # DDP and torch.compile wrap the model for training; checkpoints come from the plain module
+        self.net = self.model
+        if self.world_size > 1:
+            self.net = DDP(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        if args.compile:
+            self.net = torch.compile(self.net)
         self.diffusion = self.build_diffusion()
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=args.lr, weight_decay=args.weight_decay,
                                            fused=self.device.type in ("cuda", "cpu"))
-        total_steps = args.epochs * len(self.loader)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(s, args, total_steps))
+        self.total_steps = args.epochs * len(self.loader)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer,
+                                                           lambda s: lr_factor(s, args, self.total_steps))
         self.amp_dtype = autocast_dtype(args.precision, self.device)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
-        self.logger = SummaryWriter(f"runs/{args.run_name}")
-        self.step = 0
-        save_json(self.run_config(), f"models/{args.run_name}/run.json")
+        self.step = 0                      # optimizer steps done
+        self.epoch, self.batch = 0, 0      # where the next step starts
+        self.logger = None                 # TensorBoard, opened by fit() on rank 0
+        self.first_bad_step = torch.full((), -1, device=self.device)
+        self.stop_signal = None
+        self.folder = Path("models") / args.run_name
+        if self.is_main and not args.resume:
+            save_json(self.run_config(), self.folder / "run.json")
 
     def run_config(self) -> dict:
         """Everything needed to rebuild the model and the Diffusion from the run folder."""
@@ -213,7 +233,7 @@ class Trainer:
         return F.mse_loss(predicted.float(), eps)
 
     def predict(self, x_t: torch.Tensor, t: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return self.model(x_t, t)
+        return self.net(x_t, t)
 
     def train_step(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """One optimizer step on a batch; returns the (detached) loss without syncing the device."""
@@ -224,6 +244,9 @@ class Trainer:
         self.scaler.update()
         self.scheduler.step()
         self.after_step()
+        # remember the first non-finite step without a host sync; checked when logging and saving
+        bad = (self.first_bad_step < 0) & ~torch.isfinite(loss.detach())
+        self.first_bad_step = torch.where(bad, self.step, self.first_bad_step)
         self.step += 1
         return loss.detach()
 
@@ -240,11 +263,56 @@ class Trainer:
         return dict(sampler="ddpm", steps=min(self.args.sample_steps, self.args.noise_steps - 1))
 
     def state_dicts(self) -> dict[str, dict]:
+        """The original's files: plain state_dicts."""
         return {"ckpt.pt": self.model.state_dict(), "optim.pt": self.optimizer.state_dict()}
 
+    def resume_state(self) -> dict:
+        """Everything --resume needs, in one file so that it is always consistent with itself."""
+        state = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                 "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
+                 "step": self.step, "epoch": self.epoch, "batch": self.batch, "rng": torch.get_rng_state(),
+                 "args": {k: v for k, v in vars(self.args).items() if k not in ("class_names", "command", "device")}}
+        if self.device.type == "cuda":
+            state["cuda_rng"] = torch.cuda.get_rng_state(self.device)
+        return state
+
+    def load_resume_state(self, state: dict) -> None:
+        a = self.args
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.step, self.epoch, self.batch = state["step"], state["epoch"], state["batch"]
+        # the optimisation flags given now win over the saved ones
+        self.scheduler.base_lrs = [a.lr] * len(self.optimizer.param_groups)
+        for group in self.optimizer.param_groups:
+            group["lr"] = a.lr * lr_factor(self.step, a, self.total_steps)
+            group["weight_decay"] = a.weight_decay
+        torch.set_rng_state(state["rng"])
+        if "cuda_rng" in state and self.device.type == "cuda":
+            torch.cuda.set_rng_state(state["cuda_rng"], self.device)
+        if self.world_size > 1:  # rank 0's saved state, made distinct per rank
+            torch.manual_seed(a.seed + self.rank + 1000003 * self.step)
+
+    def check_finite(self) -> None:
+        """Stop on a non-finite loss (collective under torchrun: every rank stops together)."""
+        bad = self.first_bad_step.clone()
+        if self.world_size > 1:
+            dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+        bad = int(bad)
+        if bad >= 0:
+            raise UserError(f"the loss became non-finite at step {bad}: lower --lr or check the data; the last good "
+                            f"checkpoint in {self.folder} is kept (--resume continues from it)")
+
     def save(self) -> None:
-        for name, state in self.state_dicts().items():
-            save_checkpoint(state, f"models/{self.args.run_name}/{name}")
+        """Write the checkpoints of the current position, each atomically; resume.pt last."""
+        self.check_finite()
+        if self.is_main:
+            self.logger.flush()  # every logged step up to this checkpoint is on disk before it
+            for name, state in self.state_dicts().items():
+                save_checkpoint(state, self.folder / name)
+            save_checkpoint(self.resume_state(), self.folder / "resume.pt")
+        barrier()
 
     def log_samples(self, epoch: int) -> None:
         for suffix, images in self.sample_grids().items():
@@ -257,31 +325,91 @@ class Trainer:
 
     def fit(self) -> None:
         a = self.args
-        print(f"training {a.run_name}: {len(self.loader.dataset)} images {a.c_in}x{a.image_size}x{a.image_size}, "
-              f"{sum(p.numel() for p in self.model.parameters()) / 1e6:.2f}M parameters, device {self.device}, "
-              f"precision {self.amp_dtype or torch.float32}, {a.epochs} epochs of {len(self.loader)} steps")
+        if a.resume:
+            self.load_resume_state(load_checkpoint(self.folder / "resume.pt"))
+            if self.epoch >= a.epochs:
+                print(f"{a.run_name} already finished its {self.epoch} epochs: raise --epochs to train on")
+                return
+            print(f"resuming {a.run_name} at epoch {self.epoch}, step {self.step}")
+        steps = len(self.loader)
+        if self.is_main:
+            # a resumed run drops the TensorBoard events written after its checkpoint
+            self.logger = SummaryWriter(f"runs/{a.run_name}", purge_step=self.epoch * steps + self.batch if a.resume else None)
+            print(f"world size {self.world_size}: global batch {a.batch_size * self.world_size} "
+                  f"({a.batch_size} per process)")
+            print(f"training {a.run_name}: {len(self.loader.dataset)} images {a.c_in}x{a.image_size}x{a.image_size}, "
+                  f"{sum(p.numel() for p in self.model.parameters()) / 1e6:.2f}M parameters, device {self.device}, "
+                  f"precision {self.amp_dtype or torch.float32}, {a.epochs} epochs of {steps} steps")
         self.model.train()
-        for epoch in range(a.epochs):
-            pbar = tqdm(self.loader, desc=f"epoch {epoch}", dynamic_ncols=True)
-            running, count = torch.zeros((), device=self.device), 0
-            for i, (images, labels) in enumerate(pbar):
-                loss = self.train_step(images.to(self.device, non_blocking=True),
+        previous_handlers = {s: signal.signal(s, self.request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            for epoch in range(self.epoch, a.epochs):
+                self.train_epoch(epoch)
+                self.epoch, self.batch = epoch + 1, 0
+                if self.is_main and a.sample_every and ((epoch + 1) % a.sample_every == 0 or epoch == a.epochs - 1):
+                    self.log_samples(epoch)
+                self.save()
+        finally:
+            for s, handler in previous_handlers.items():
+                signal.signal(s, handler)
+            if self.is_main:
+                self.logger.close()
+
+    def train_epoch(self, epoch: int) -> None:
+        a, steps = self.args, len(self.loader)
+        if isinstance(self.loader.sampler, DistributedSampler):
+            self.loader.sampler.set_epoch(epoch)  # the shuffle is a function of (seed, epoch) alone
+        rng = torch.get_rng_state()
+        batches = iter(self.loader)
+        if self.batch:  # resuming mid-epoch: skip the batches already trained on, and undo the loader's
+            for _ in range(self.batch):  # random draws, which the interrupted run made before its checkpoint
+                next(batches)
+            torch.set_rng_state(rng)
+        pbar = tqdm(batches, desc=f"epoch {epoch}", initial=self.batch, total=steps, dynamic_ncols=True,
+                    disable=not self.is_main)
+        running, count = torch.zeros((), device=self.device), 0
+        for i, (images, labels) in enumerate(pbar, start=self.batch):
+            running += self.train_step(images.to(self.device, non_blocking=True),
                                        labels.to(self.device, non_blocking=True))
-                running += loss
-                count += 1
-                if count == a.log_every or i == len(self.loader) - 1:
-                    mse = running.item() / count  # the only host sync, once per log_every steps
-                    if not math.isfinite(mse):
-                        raise UserError(f"the loss became {mse} at step {self.step}: lower --lr "
-                                        f"(the checkpoint of the last finished epoch is kept)")
-                    pbar.set_postfix(MSE=f"{mse:.4f}", lr=f"{self.scheduler.get_last_lr()[0]:.2e}")
-                    self.logger.add_scalar("MSE", mse, global_step=epoch * len(self.loader) + i)
-                    running, count = torch.zeros((), device=self.device), 0
-            last = epoch == a.epochs - 1
-            if a.sample_every and ((epoch + 1) % a.sample_every == 0 or last):
-                self.log_samples(epoch)
-            self.save()
-        self.logger.close()
+            count += 1
+            self.batch = i + 1
+            log = count == a.log_every or i == steps - 1 or (self.stop_signal is not None and self.world_size == 1)
+            if log:
+                mse = running.item() / count  # the only host sync, once per log_every steps
+                self.check_finite()
+                pbar.set_postfix(MSE=f"{mse:.4f}", lr=f"{self.scheduler.get_last_lr()[0]:.2e}")
+                if self.is_main:  # rank 0's loss stands for all
+                    self.logger.add_scalar("MSE", mse, global_step=epoch * steps + i)
+                running, count = torch.zeros((), device=self.device), 0
+            if a.save_every and self.step % a.save_every == 0 and i < steps - 1:
+                self.save()
+            if log and self.stop_requested():
+                self.save()
+                signum = self.stop_signal or signal.SIGTERM
+                if self.is_main:
+                    print(f"\n{signal.Signals(signum).name}: stopped at epoch {epoch}, step {self.step}; checkpoint "
+                          f"saved in {self.folder}. Resume with: {resume_command(a)}", file=sys.stderr)
+                sys.exit(128 + signum)
+
+    def stop_requested(self) -> bool:
+        """Whether any process got Ctrl-C / SIGTERM (all processes agree, at the same step)."""
+        stop = torch.tensor(float(self.stop_signal is not None), device=self.device)
+        if self.world_size > 1:
+            dist.all_reduce(stop, op=dist.ReduceOp.MAX)
+        return bool(stop)
+
+    def request_stop(self, signum, frame) -> None:
+        """First Ctrl-C / SIGTERM: finish the step, save, exit. Second: exit at once (checkpoints stay intact)."""
+        if self.stop_signal is not None:
+            raise KeyboardInterrupt
+        self.stop_signal = signum
+        print(f"\n{signal.Signals(signum).name}: finishing this step and saving (again to quit at once)",
+              file=sys.stderr)
+
+
+def resume_command(args: argparse.Namespace) -> str:
+    script = "ddpm_conditional.py" if hasattr(args, "num_classes") else "ddpm.py"
+    return f"python {script} --resume --run_name {args.run_name}"
 
 
 def lr_factor(step: int, args: argparse.Namespace, total_steps: int) -> float:
@@ -306,10 +434,10 @@ RECIPES = {
 }
 
 
-def build_parser(description: str = "Train an unconditional DDPM.", run_name: str = "DDPM_Unconditional"
-                 ) -> argparse.ArgumentParser:
+def build_parser(description: str = "Train an unconditional DDPM.", run_name: str = "DDPM_Unconditional",
+                 recipes: dict = RECIPES) -> argparse.ArgumentParser:
     def recipe(key):
-        return f"(default: {RECIPES['digits'][key]} for the embedded digits, {RECIPES['folder'][key]} for a folder)"
+        return f"(default: {recipes['digits'][key]} for the embedded digits, {recipes['folder'][key]} for a folder)"
 
     p = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--run_name", default=run_name, help="names the folders under models/, results/ and runs/")
@@ -340,18 +468,25 @@ def build_parser(description: str = "Train an unconditional DDPM.", run_name: st
     p.add_argument("--sample_steps", type=int, default=50, help="steps of the (respaced ancestral) sampler for the in-training grids")
     p.add_argument("--log_every", type=int, default=10, help="steps between loss logs (each one syncs the device)")
     p.add_argument("--num_workers", type=int, default=None, help="data-loading processes for a folder (default: min(4, cores))")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model (pays off on GPUs)")
+    p.add_argument("--resume", action="store_true", help="continue models/<run_name> where its last checkpoint left it")
+    p.add_argument("--save_every", type=int, default=0, help="also checkpoint every N steps (0 = at epoch ends only)")
+    p.add_argument("--skip_bad_images", action="store_true", help="skip unreadable images instead of stopping")
     return p
 
 
-def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> argparse.Namespace:
+def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None = None, recipes: dict = RECIPES
+               ) -> argparse.Namespace:
     """Parse, fill the data-dependent defaults, and check the values."""
     args = parser.parse_args(argv)
-    for key, value in RECIPES["digits" if args.dataset_path is None else "folder"].items():
+    if args.resume:
+        args = resumed_args(parser, argv, args)
+    for key, value in recipes["digits" if args.dataset_path is None else "folder"].items():
         if getattr(args, key) is None:
             setattr(args, key, value)
     if args.image_size < 8 or args.image_size % 8:
         raise UserError(f"--image_size {args.image_size} must be a positive multiple of 8 (the UNet halves it 3 times)")
-    for name in ("batch_size", "epochs", "width", "noise_steps"):
+    for name in ("batch_size", "epochs", "width", "noise_steps", "sample_steps"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name} must be at least 1, got {getattr(args, name)}")
     if args.width % 4:
@@ -364,6 +499,29 @@ def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None = None) -
         raise UserError(f"--c_in {args.c_in} is not supported: use 1 (grayscale), 3 (RGB) or 4 (RGBA)")
     args.command = " ".join(sys.argv) if argv is None else " ".join(["ddpm.py", *argv])
     return args
+
+
+# What a resumed run may not change: the model and the data (and so the meaning of a step).
+LOCKED = ("dataset_path", "image_size", "c_in", "width", "noise_steps", "schedule", "num_classes", "limit",
+          "batch_size", "label_drop")
+
+
+def resumed_args(parser: argparse.ArgumentParser, argv: list[str] | None, args: argparse.Namespace
+                 ) -> argparse.Namespace:
+    """The saved run's arguments, overridden by the flags given now; changing a LOCKED one is an error."""
+    path = Path("models") / args.run_name / "resume.pt"
+    if not path.is_file():
+        raise UserError(f"nothing to resume: {path} does not exist (check --run_name, or drop --resume)")
+    saved = load_checkpoint(path)["args"]
+    # argparse only fills defaults for attributes the namespace lacks: flags given now win, the rest is the run's
+    merged = parser.parse_args(argv, namespace=argparse.Namespace(**saved))
+    changed = [f"--{k} {getattr(merged, k)} (the run has {saved[k]})" for k in LOCKED
+               if k in saved and getattr(merged, k) != saved[k]]
+    if changed:
+        raise UserError(f"a resumed run keeps its model and data: {', '.join(changed)}; "
+                        f"start a new --run_name to change them")
+    merged.resume = True
+    return merged
 
 
 def train(args: argparse.Namespace) -> None:

@@ -22,10 +22,10 @@ class Diffusion(ddpm.Diffusion):
                       cfg_scale: float = 3) -> torch.Tensor:
         """eps = lerp(eps_uncond, eps_cond, cfg_scale) = eps_uncond + cfg_scale * (eps_cond - eps_uncond).
 
-        cfg_scale is the guidance paper's w + 1: 1 is plain conditional sampling, and 0 is treated
-        as 1 (as the original does). Both halves come from ONE forward pass on a batch of 2n.
+        cfg_scale is the guidance paper's w + 1: 1 is plain conditional sampling, and a scale <= 0
+        is treated as 1 (as the original does). Both halves come from ONE forward pass on a batch of 2n.
         """
-        if cfg_scale in (0, 1):
+        if cfg_scale <= 0 or cfg_scale == 1:
             return model(x, t, labels)
         no_label = torch.full_like(labels, -1)
         eps_cond, eps_uncond = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([labels, no_label])).chunk(2)
@@ -47,8 +47,8 @@ class Trainer(ddpm.Trainer):
 
     diffusion_class = Diffusion
 
-    def __init__(self, args: argparse.Namespace):
-        super().__init__(args)
+    def __init__(self, args: argparse.Namespace, loader=None):
+        super().__init__(args, loader)
         self.ema = EMA(args.ema_beta, args.ema_start)
         self.ema_model = EMA.copy_of(self.model)
 
@@ -67,7 +67,7 @@ class Trainer(ddpm.Trainer):
     def predict(self, x_t: torch.Tensor, t: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         # Drop each sample's label with probability label_drop: the model also learns eps(x_t, t).
         drop = torch.rand(labels.shape, device=labels.device) < self.args.label_drop
-        return self.model(x_t, t, labels.masked_fill(drop, -1))
+        return self.net(x_t, t, labels.masked_fill(drop, -1))
 
     def after_step(self) -> None:
         self.ema.step_ema(self.ema_model, self.model)
@@ -86,9 +86,22 @@ class Trainer(ddpm.Trainer):
     def state_dicts(self) -> dict[str, dict]:
         return {**super().state_dicts(), "ema_ckpt.pt": self.ema_model.state_dict()}
 
+    def resume_state(self) -> dict:
+        return {**super().resume_state(), "ema_model": self.ema_model.state_dict(), "ema": self.ema.state_dict()}
+
+    def load_resume_state(self, state: dict) -> None:
+        super().load_resume_state(state)
+        self.ema_model.load_state_dict(state["ema_model"])
+        self.ema.step = state["ema"]["step"]  # beta and start come from the flags given now
+
+
+# The original's conditional recipe for a folder: batch 14, 300 epochs, a grid every 10 epochs.
+RECIPES = {"digits": ddpm.RECIPES["digits"],
+           "folder": {**ddpm.RECIPES["folder"], "batch_size": 14, "epochs": 300, "sample_every": 10}}
+
 
 def build_parser() -> argparse.ArgumentParser:
-    p = ddpm.build_parser("Train a class-conditional DDPM with classifier-free guidance.", "DDPM_conditional")
+    p = ddpm.build_parser("Train a class-conditional DDPM with classifier-free guidance.", "DDPM_conditional", RECIPES)
     p.set_defaults(n_samples=8)
     p.add_argument("--num_classes", type=int, default=None, help="number of classes (default: from the data)")
     p.add_argument("--cfg_scale", type=float, default=3.0, help="guidance scale of the sample grids (1 = none)")
@@ -98,13 +111,17 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> None:
-    args = ddpm.parse_args(build_parser(), argv)
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    args = ddpm.parse_args(build_parser(), argv, RECIPES)
     if not 0 <= args.label_drop < 1:
         raise UserError(f"--label_drop must be in [0, 1), got {args.label_drop}")
     if not 0 <= args.ema_beta < 1:
         raise UserError(f"--ema_beta must be in [0, 1), got {args.ema_beta}")
-    Trainer(args).fit()
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    Trainer(parse_args(argv)).fit()
 
 
 if __name__ == "__main__":

@@ -76,6 +76,13 @@ def load(path: str | Path, ema: bool = True, device: str | torch.device | None =
     return model, diffusion
 
 
+def full_chain(steps: int, sampler: str, diffusion: ddpm.Diffusion) -> int | None:
+    """--steps 0 means every step: the original's chain for ddpm (steps=None), all T-1 steps for ddim."""
+    if steps:
+        return steps
+    return None if sampler == "ddpm" else diffusion.noise_steps - 1
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description="Sample images from a trained run.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -101,7 +108,7 @@ def main(argv: list[str] | None = None) -> None:
     model, diffusion = load(args.run, ema=not args.no_ema, device=args.device, img_size=args.img_size)
     device = next(model.parameters()).device
     seed_everything(args.seed)
-    kwargs = dict(sampler=args.sampler, steps=args.steps or None, eta=args.eta)
+    kwargs = dict(sampler=args.sampler, steps=full_chain(args.steps, args.sampler, diffusion), eta=args.eta)
     dtype = autocast_dtype(args.precision, device)
     with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
         if isinstance(model, UNet_conditional):

@@ -2,16 +2,18 @@
 import json
 import os
 import random
+import signal
 import sys
 import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torchvision
 import torchvision.transforms as T
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset, TensorDataset
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 DIGITS_SIZE = 32          # the embedded 28x28 digits are padded to 32x32
@@ -24,12 +26,15 @@ class UserError(Exception):
 
 
 def run_main(main) -> None:
-    """Call `main()`; a UserError becomes one line on stderr and exit status 2."""
+    """Call `main()`; a UserError becomes one line on stderr and exit status 2, Ctrl-C exit status 130."""
     try:
         main()
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
 
 
 # --------------------------------------------------------------------------- devices, seeds
@@ -71,6 +76,26 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 
+def init_distributed(device: torch.device) -> tuple[int, int, torch.device]:
+    """(rank, world_size, device). Under torchrun: one device per local rank, and the process group
+    from the environment (nccl on CUDA, gloo on CPU). A plain `python` run is rank 0 of 1."""
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    if world_size == 1:
+        return 0, 1, device
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return dist.get_rank(), world_size, device
+
+
+def barrier() -> None:
+    """Wait for every process (a no-op outside torchrun)."""
+    if dist.is_initialized():
+        dist.barrier()
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -96,7 +121,9 @@ def load_digits() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tenso
     held_out = torch.zeros(len(labels), dtype=torch.bool)
     for c in labels.unique():
         held_out[order[labels[order] == c][:DIGITS_HELD_OUT]] = True
-    return images[~held_out], labels[~held_out], images[held_out], labels[held_out]
+    train = (~held_out).nonzero().squeeze(1)
+    train = train[torch.randperm(len(train), generator=torch.Generator().manual_seed(1))]  # --limit mixes classes
+    return images[train], labels[train], images[held_out], labels[held_out]
 
 
 def digits_to_model_range(images: torch.Tensor, image_size: int) -> torch.Tensor:
@@ -111,18 +138,16 @@ def image_files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
 
 
-def check_images(files: list[Path]) -> None:
-    """Open every file's header; report all unreadable ones at once."""
+def unreadable_images(files: list[Path]) -> list[Path]:
+    """The files that do not open as images (headers checked: fast)."""
     bad = []
     for f in files:
         try:
             with Image.open(f) as im:
                 im.verify()
         except Exception:
-            bad.append(str(f))
-    if bad:
-        shown = ", ".join(bad[:10]) + (f" and {len(bad) - 10} more" if len(bad) > 10 else "")
-        raise UserError(f"{len(bad)} unreadable image(s): {shown}. Remove or fix them")
+            bad.append(f)
+    return bad
 
 
 def channels_of(file: Path) -> int:
@@ -136,15 +161,15 @@ def channels_of(file: Path) -> int:
 class ImageFiles(Dataset):
     """Images of a folder with their class labels: one sub-folder per class, or a flat folder (class 0)."""
 
-    def __init__(self, root: Path, transform, channels: int):
+    def __init__(self, root: Path, transform, channels: int, exclude: frozenset = frozenset()):
         class_dirs = sorted(d for d in root.iterdir() if d.is_dir() and image_files(d))
         loose = [p for p in root.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()]
         if class_dirs and not loose:
             self.classes = [d.name for d in class_dirs]
-            self.samples = [(f, c) for c, d in enumerate(class_dirs) for f in image_files(d)]
+            self.samples = [(f, c) for c, d in enumerate(class_dirs) for f in image_files(d) if f not in exclude]
         else:  # a flat folder (sub-folders, if any, are taken as more images of the one class)
             self.classes = [root.name]
-            self.samples = [(f, 0) for f in image_files(root)]
+            self.samples = [(f, 0) for f in image_files(root) if f not in exclude]
         self.transform, self.mode = transform, CHANNEL_MODES[channels]
 
     def __len__(self) -> int:
@@ -175,8 +200,15 @@ def get_data(args) -> DataLoader:
         files = image_files(root)
         if not files:
             raise UserError(f"dataset folder '{root}' holds no images ({', '.join(IMAGE_EXTENSIONS)})")
-        check_images(files)
-        c = args.c_in or channels_of(files[0])
+        bad = unreadable_images(files)
+        if bad and not getattr(args, "skip_bad_images", False):
+            shown = ", ".join(map(str, bad[:10])) + (f" and {len(bad) - 10} more" if len(bad) > 10 else "")
+            raise UserError(f"{len(bad)} unreadable image(s): {shown}. Remove or fix them, or pass --skip_bad_images")
+        if bad:
+            print(f"skipping {len(bad)} unreadable image(s) of {len(files)}")
+            if len(bad) == len(files):
+                raise UserError(f"every image in '{root}' is unreadable")
+        c = args.c_in or channels_of(next(f for f in files if f not in bad))
         if c not in CHANNEL_MODES:
             raise UserError(f"--c_in {c} is not supported: use 1 (grayscale), 3 (RGB) or 4 (RGBA)")
         transform = T.Compose([
@@ -185,22 +217,33 @@ def get_data(args) -> DataLoader:
             T.ToTensor(),
             T.Normalize([0.5] * c, [0.5] * c),
         ])
-        dataset = ImageFiles(root, transform, c)
+        dataset = ImageFiles(root, transform, c, exclude=frozenset(bad))
         classes = dataset.classes
         workers = args.num_workers if args.num_workers is not None else min(4, os.cpu_count() or 1)
     if args.limit:
         dataset = Subset(dataset, range(min(args.limit, len(dataset))))
     args.c_in, args.num_classes_found, args.class_names = c, len(classes), classes
     on_cuda = str(args.device).startswith("cuda")
+    # The shuffle of epoch e is a function of (seed, e) alone, so a resumed run replays it exactly.
+    # Under torchrun each process takes its own share of every epoch; --batch_size is per process.
+    rank, world_size = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, seed=args.seed, drop_last=True)
     return DataLoader(
         dataset,
         batch_size=args.batch_size,
-        shuffle=True,
-        drop_last=len(dataset) >= args.batch_size,  # equal-sized steps, unless the data is tinier than a batch
+        sampler=sampler,
+        drop_last=len(dataset) >= args.batch_size * world_size,  # equal-sized steps, unless the data is tiny
         num_workers=workers,
         persistent_workers=workers > 0,
         pin_memory=on_cuda,
+        worker_init_fn=ignore_stop_signals,
     )
+
+
+def ignore_stop_signals(worker_id: int) -> None:
+    """Ctrl-C / SIGTERM are the training process's to handle: workers keep serving batches meanwhile."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 # --------------------------------------------------------------------------- files
@@ -265,6 +308,8 @@ def save_images(images: torch.Tensor, path: str | Path, nrow: int = 8) -> None:
     array = make_grid(images, nrow).permute(1, 2, 0).numpy()
     array = array[..., 0] if array.shape[-1] == 1 else array  # a single grayscale image
     fmt = Image.registered_extensions().get(Path(path).suffix.lower(), "PNG")
+    if fmt == "JPEG" and array.ndim == 3 and array.shape[-1] == 4:
+        array = array[..., :3]  # JPEG has no alpha channel
     atomic_write(path, lambda f: Image.fromarray(array).save(f, format=fmt))
 
 

@@ -78,10 +78,10 @@ def test_labels_are_checked():
 
 
 def test_label_dropout_is_per_sample(in_tmp):
-    args = ddpm_conditional.ddpm.parse_args(ddpm_conditional.build_parser(), [*TINY, "--limit", "64"])
+    args = ddpm_conditional.parse_args([*TINY, "--limit", "64"])
     trainer = ddpm_conditional.Trainer(args)
     seen = []
-    trainer.model = lambda x, t, y: seen.append(y.clone()) or x
+    trainer.net = lambda x, t, y: seen.append(y.clone()) or x
     labels = torch.arange(10).repeat(40)  # 400 per batch
     for _ in range(50):
         trainer.predict(torch.zeros(400, 1, 1, 1), torch.ones(400, dtype=torch.long), labels)
@@ -93,7 +93,7 @@ def test_label_dropout_is_per_sample(in_tmp):
 
 
 def test_num_classes_must_match_the_data(in_tmp):
-    args = ddpm_conditional.ddpm.parse_args(ddpm_conditional.build_parser(), [*TINY, "--num_classes", "7"])
+    args = ddpm_conditional.parse_args([*TINY, "--num_classes", "7"])
     with pytest.raises(UserError, match="--num_classes 7 does not match the 10 classes"):
         ddpm_conditional.Trainer(args)
 
@@ -109,7 +109,7 @@ def test_end_to_end_on_three_class_folders(in_tmp):
     ddpm_conditional.main([*TINY, "--dataset_path", "fruit", "--batch_size", "4", "--epochs", "2",
                            "--sample_every", "1", "--n_samples", "5", "--num_workers", "0", "--ema_start", "1"])
     run = in_tmp / "models" / "DDPM_conditional"
-    assert {p.name for p in run.iterdir()} == {"ckpt.pt", "ema_ckpt.pt", "optim.pt", "run.json"}
+    assert {p.name for p in run.iterdir()} == {"ckpt.pt", "ema_ckpt.pt", "optim.pt", "resume.pt", "run.json"}
     for name in ("ckpt.pt", "ema_ckpt.pt"):
         model = UNet_conditional(c_in=3, c_out=3, num_classes=3, width=8)
         model.load_state_dict(torch.load(run / name, weights_only=True), strict=True)
@@ -123,11 +123,10 @@ def test_end_to_end_on_three_class_folders(in_tmp):
 
 
 def test_grid_has_a_row_per_class_for_ten_classes(in_tmp):
-    args = ddpm_conditional.ddpm.parse_args(ddpm_conditional.build_parser(),
-                                            [*TINY, "--limit", "32", "--n_samples", "2"])
-    trainer = ddpm_conditional.Trainer(args)
+    trainer = ddpm_conditional.Trainer(ddpm_conditional.parse_args(
+        [*TINY, "--limit", "32", "--n_samples", "2", "--epochs", "1", "--sample_every", "1"]))
     grids = trainer.sample_grids()
     assert set(grids) == {"", "_ema"}
     assert grids["_ema"].shape == (20, 1, 16, 16)
-    trainer.log_samples(0)
+    trainer.fit()
     assert grid_size(in_tmp / "results" / "DDPM_conditional" / "0_ema.jpg") == (2 * 18 + 2, 10 * 18 + 2)

@@ -8,7 +8,8 @@ from utils import UserError, get_data, load_digits
 
 
 def data_args(**kw):
-    base = dict(dataset_path=None, image_size=16, batch_size=8, c_in=None, limit=None, num_workers=0, device="cpu")
+    base = dict(dataset_path=None, image_size=16, batch_size=8, c_in=None, limit=None, num_workers=0, device="cpu",
+                seed=0)
     return argparse.Namespace(**{**base, **kw})
 
 
@@ -66,7 +67,9 @@ def test_rgba_and_channel_override(tmp_path):
 def test_limit_uses_the_first_images(tmp_path):
     write_images(tmp_path, 10)
     assert len(get_data(data_args(dataset_path=str(tmp_path), limit=4)).dataset) == 4
-    assert len(get_data(data_args(limit=100)).dataset) == 100
+    limited = get_data(data_args(limit=100)).dataset
+    assert len(limited) == 100
+    assert len({int(label) for _, label in limited}) == 10  # a mix of every class, not the first class only
 
 
 def test_worker_processes_load_a_folder(tmp_path):

@@ -1,0 +1,211 @@
+"""How close to the machine's limit do training and sampling run? One configuration, one table.
+
+    python benchmark.py                                   # the embedded-digits default configuration
+    python benchmark.py --image_size 64 --c_in 3 --width 64 --batch_size 12   # the original's configuration
+    python benchmark.py --json bench.json                 # also write the numbers
+
+It measures the machine's matmul peak (fp32 and bf16), the real training step (forward, loss,
+backward, AdamW, EMA) in images/s with its FLOPs counted by FlopCounterMode and the utilisation
+against the peak of the precision in use, the fast sampler's cost with and without guidance, and
+peak memory.
+"""
+import argparse
+import json
+import os
+import resource
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.flop_counter import FlopCounterMode
+
+import ddpm
+import ddpm_conditional
+from utils import UserError, atomic_write, autocast_dtype, pick_device, run_main, save_json
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn, device: torch.device, repeats: int, warmup: int = 2) -> float:
+    """Median seconds of fn() over `repeats` runs after `warmup` runs."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        sync(device)
+        start = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def matmul_peak(dtype: torch.dtype, device: torch.device, n: int, repeats: int = 5) -> float:
+    """FLOP/s of an n x n matmul in `dtype`."""
+    a, b = (torch.randn(n, n, device=device).to(dtype) for _ in range(2))
+    return 2 * n ** 3 / timed(lambda: a @ b, device, repeats)
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2 ** 20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB on Linux
+
+
+def build_trainer(args: argparse.Namespace, device: torch.device) -> ddpm.Trainer:
+    """The scripts' real Trainer on random images of the configuration (written into a temporary folder)."""
+    argv = ["--image_size", str(args.image_size), "--c_in", str(args.c_in), "--width", str(args.width),
+            "--batch_size", str(args.batch_size), "--precision", args.precision, "--device", str(device),
+            "--dataset_path", "synthetic"] + (["--compile"] if args.compile else [])
+    script = ddpm_conditional if args.conditional else ddpm
+    targs = ddpm.parse_args(script.build_parser(), argv)
+    targs.c_in, targs.num_classes_found, targs.class_names = args.c_in, 10, [str(i) for i in range(10)]
+    images = torch.randn(args.batch_size, args.c_in, args.image_size, args.image_size).clamp(-1, 1)
+    loader = DataLoader(TensorDataset(images, torch.arange(args.batch_size) % 10), batch_size=args.batch_size)
+    return script.Trainer(targs, loader=loader)
+
+
+def benchmark(args: argparse.Namespace) -> dict:
+    device = pick_device(args.device)
+    dtype = autocast_dtype(args.precision, device)
+    torch.manual_seed(0)
+    peaks = {"fp32": matmul_peak(torch.float32, device, args.matmul_size),
+             "bf16": matmul_peak(torch.bfloat16, device, args.matmul_size)}
+    precision = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
+    if device.type == "cuda" or precision == "fp16":
+        peaks["fp16"] = matmul_peak(torch.float16, device, args.matmul_size)
+
+    cwd = os.getcwd()
+    with tempfile.TemporaryDirectory() as tmp:
+        os.chdir(tmp)
+        try:
+            trainer = build_trainer(args, device)
+        finally:
+            os.chdir(cwd)
+    images, labels = (t.to(device) for t in next(iter(trainer.loader)))
+    # FlopCounterMode does not see inside the fused CPU attention kernel: count with the math one
+    with FlopCounterMode(display=False) as counter, sdpa_kernel(SDPBackend.MATH):
+        trainer.train_step(images, labels)
+    flops = counter.get_total_flops()
+    step = timed(lambda: trainer.train_step(images, labels), device, args.repeats)
+
+    n = args.sample_n
+    diffusion, model = trainer.diffusion, getattr(trainer, "ema_model", trainer.model)
+    kind = trainer.grid_sampler()
+    steps = kind["steps"]
+
+    def sample(cfg_scale):
+        with trainer.autocast():
+            if args.conditional:
+                return diffusion.sample(model, n, torch.arange(n, device=device) % 10, cfg_scale, progress=False, **kind)
+            return diffusion.sample(model, n, progress=False, **kind)
+
+    sampling = {"plain": timed(lambda: sample(1), device, 1, warmup=1)}
+    if args.conditional:
+        sampling["guided"] = timed(lambda: sample(3), device, 1, warmup=0)
+
+    result = {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
+        "config": {k: getattr(args, k) for k in ("image_size", "c_in", "width", "batch_size", "conditional", "compile")},
+        "precision": precision,
+        "peak_tflops": {k: v / 1e12 for k, v in peaks.items()},
+        "train_step_s": step,
+        "train_images_per_s": args.batch_size / step,
+        "train_gflop_per_step": flops / 1e9,
+        "train_tflops": flops / step / 1e12,
+        "utilisation": flops / step / peaks[precision],
+        "sampler": f"{kind['sampler']}-{steps}",
+        "sample_s_per_step": {k: v / steps for k, v in sampling.items()},
+        "sample_s_per_image": {k: v / n for k, v in sampling.items()},
+        "peak_memory_mb": peak_memory_mb(device),
+    }
+    return result
+
+
+def print_table(r: dict) -> None:
+    c = r["config"]
+    rows = [
+        ("device", r["device"]),
+        ("configuration", f"{c['c_in']}x{c['image_size']}x{c['image_size']}, width {c['width']}, batch {c['batch_size']}, "
+                          f"{'conditional' if c['conditional'] else 'unconditional'}, {r['precision']}"
+                          f"{', compiled' if c['compile'] else ''}"),
+        ("matmul peak", ", ".join(f"{k} {v:.2f} TFLOP/s" for k, v in r["peak_tflops"].items())),
+        ("training", f"{r['train_step_s']:.3f} s/step, {r['train_images_per_s']:.1f} images/s"),
+        ("training FLOPs", f"{r['train_gflop_per_step']:.1f} GFLOP/step = {r['train_tflops']:.3f} TFLOP/s"),
+        ("utilisation", f"{100 * r['utilisation']:.0f}% of the {r['precision']} matmul peak"),
+    ]
+    for k in r["sample_s_per_step"]:
+        rows.append((f"sampling {r['sampler']} ({k})", f"{1000 * r['sample_s_per_step'][k]:.1f} ms/step, "
+                                                      f"{r['sample_s_per_image'][k]:.3f} s/image"))
+    rows.append(("peak memory", f"{r['peak_memory_mb']:.0f} MB"))
+    width = max(len(k) for k, _ in rows)
+    for k, v in rows:
+        print(f"{k:<{width}}  {v}")
+
+
+README_START, README_END = "<!-- benchmark:start -->", "<!-- benchmark:end -->"
+README_HEADER = ["| device | configuration | training | utilisation | sampling (plain / guided) | peak memory |",
+                 "|---|---|---|---|---|---|"]
+
+
+def readme_row(r: dict) -> str:
+    c = r["config"]
+    config = (f"{c['c_in']}x{c['image_size']}², width {c['width']}, batch {c['batch_size']}, {r['precision']}"
+              f"{', compiled' if c['compile'] else ''}{'' if c['conditional'] else ', unconditional'}")
+    sampling = " / ".join(f"{r['sample_s_per_image'][k]:.3f}" for k in r["sample_s_per_image"])
+    peaks = ", ".join(f"{k} {v:.2f}" for k, v in r["peak_tflops"].items())
+    return (f"| {r['device']} | {config} | {r['train_images_per_s']:.1f} img/s ({r['train_step_s']:.3f} s/step, "
+            f"{r['train_gflop_per_step']:.1f} GFLOP) | {100 * r['utilisation']:.0f}% of {r['precision']} peak "
+            f"(peaks, TFLOP/s: {peaks}) | {sampling} s/image, {r['sampler']} | {r['peak_memory_mb']:.0f} MB |")
+
+
+def update_readme(path: Path, r: dict) -> None:
+    """Put this configuration's row in the README's benchmark table (replacing the same device + configuration)."""
+    text = path.read_text()
+    if README_START not in text or README_END not in text:
+        raise UserError(f"{path} has no '{README_START}' ... '{README_END}' block")
+    head, rest = text.split(README_START, 1)
+    body, tail = rest.split(README_END, 1)
+    key = lambda row: row.split(" | ")[:2]
+    rows = [line for line in body.strip().splitlines() if line.startswith("| ") and line not in README_HEADER]
+    new = readme_row(r)
+    rows = [row for row in rows if key(row) != key(new)] + [new]
+    block = "\n".join([README_START, *README_HEADER, *rows, README_END])
+    atomic_write(path, lambda f: f.write((head + block + tail).encode()))
+    print(f"updated {path}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description="Benchmark training and sampling.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--image_size", type=int, default=16)
+    p.add_argument("--c_in", type=int, default=1)
+    p.add_argument("--width", type=int, default=32)
+    p.add_argument("--batch_size", type=int, default=64)
+    p.add_argument("--unconditional", dest="conditional", action="store_false", help="benchmark ddpm.py's step")
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--repeats", type=int, default=5, help="timed training steps (median)")
+    p.add_argument("--sample_n", type=int, default=16, help="images per sampling measurement")
+    p.add_argument("--matmul_size", type=int, default=4096)
+    p.add_argument("--json", default=None, help="also write the results here")
+    p.add_argument("--readme", default=None, help="put the result as a row of this README's benchmark table")
+    args = p.parse_args(argv)
+    result = benchmark(args)
+    print_table(result)
+    if args.json:
+        save_json(result, args.json)
+    if args.readme:
+        update_readme(Path(args.readme), result)
+
+
+if __name__ == "__main__":
+    run_main(main)

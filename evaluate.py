@@ -1,0 +1,447 @@
+"""How good are a run's samples? Offline metrics judged by a small classifier trained on the run's own data.
+
+    python evaluate.py --run models/DDPM_conditional                 # table + results/<run>/eval.json
+    python evaluate.py --run models/DDPM_conditional --sweep cfg     # guidance scales 0..7, plots
+    python evaluate.py --run models/DDPM_conditional --sweep steps   # samplers and step counts, plots
+    python evaluate.py --run models/DDPM_conditional --sweep all --readme README.md   # the README's Results
+
+The judge is a small CNN trained on the run's training images (cached in the run folder). Its
+penultimate features stand in for Inception's: Frechet distance and KID are computed in them,
+against held-out real images, beside the real-vs-real floor (held-out vs training images).
+"""
+import argparse
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision.transforms as T
+from tqdm import tqdm
+
+from sample import full_chain, load
+from utils import (ImageFiles, UserError, atomic_write, autocast_dtype, digits_to_model_range, image_files,
+                   load_checkpoint, load_digits, run_main, save_checkpoint, save_images, save_json, seed_everything)
+
+CFG_SWEEP = [0, 1, 2, 3, 4, 5, 6, 7]
+STEPS_SWEEP = [("ddim", 10), ("ddim", 20), ("ddim", 50), ("ddim", 100),
+               ("ddpm", 10), ("ddpm", 20), ("ddpm", 50), ("ddpm", 100), ("ddpm", None)]
+
+
+# --------------------------------------------------------------------------- real data
+
+def real_images(config: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, list[str]]:
+    """(train, train_labels, held_out, held_out_labels, class_names) as uint8 at the run's image size.
+
+    The embedded digits use their fixed split; a folder is split here, 10% of each class held out.
+    """
+    size, channels = config["diffusion_args"]["img_size"], config["diffusion_args"]["c_in"]
+    path = config.get("dataset_path")
+    if path is None:
+        x_train, y_train, x_held, y_held = load_digits()
+        x_train, x_held = (digits_at(x, size).expand(-1, channels, -1, -1) for x in (x_train, x_held))
+        return x_train, y_train, x_held, y_held, [str(i) for i in range(10)]
+    root = Path(path).expanduser()
+    if not root.is_dir() or not image_files(root):
+        raise UserError(f"the run's dataset folder '{root}' is not there: evaluate from where the run was trained")
+    transform = T.Compose([T.Resize(size), T.CenterCrop(size), T.PILToTensor()])
+    data = ImageFiles(root, transform, channels)
+    images = torch.stack([data[i][0] for i in tqdm(range(len(data)), desc="loading real images", leave=False)])
+    labels = torch.tensor([label for _, label in data.samples])
+    order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(0))
+    held = torch.zeros(len(labels), dtype=torch.bool)
+    for c in labels.unique():
+        members = order[labels[order] == c]
+        held[members[: max(1, len(members) // 10)]] = True
+    return images[~held], labels[~held], images[held], labels[held], data.classes
+
+
+def digits_at(images: torch.Tensor, size: int) -> torch.Tensor:
+    """The uint8 32x32 digits resized as training sees them, back to uint8."""
+    return ((digits_to_model_range(images, size) + 1) * 127.5).round().to(torch.uint8)
+
+
+# --------------------------------------------------------------------------- the judge
+
+class Judge(nn.Module):
+    """A small CNN classifier; `features` (128-d, before the last layer) embed images for FD and KID."""
+
+    def __init__(self, channels: int, num_classes: int):
+        super().__init__()
+
+        def block(c_in, c_out):
+            return [nn.Conv2d(c_in, c_out, 3, padding=1), nn.BatchNorm2d(c_out), nn.ReLU()]
+
+        self.body = nn.Sequential(*block(channels, 32), *block(32, 32), nn.MaxPool2d(2),
+                                  *block(32, 64), *block(64, 64), nn.MaxPool2d(2),
+                                  *block(64, 128), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.head = nn.Sequential(nn.Dropout(0.3), nn.Linear(128, num_classes))
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x.float() / 127.5 - 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+    @torch.no_grad()
+    def embed(self, images: torch.Tensor, batch: int = 500) -> tuple[torch.Tensor, torch.Tensor]:
+        """(features, predicted classes) of uint8 images."""
+        self.eval()
+        feats = torch.cat([self.features(images[i:i + batch]) for i in range(0, len(images), batch)])
+        return feats, self.head(feats).argmax(1)
+
+
+def train_judge(x: torch.Tensor, y: torch.Tensor, x_val: torch.Tensor, y_val: torch.Tensor, epochs: int = 15,
+                seed: int = 0) -> tuple[Judge, float]:
+    """Train the judge on uint8 images (random 2-pixel shifts); returns it and its held-out accuracy."""
+    torch.manual_seed(seed)
+    judge = Judge(x.shape[1], int(y.max()) + 1)
+    steps_per_epoch = math.ceil(len(x) / 64)
+    optimizer = torch.optim.AdamW(judge.parameters(), lr=2e-3)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, 3e-3, total_steps=epochs * steps_per_epoch)
+    for _ in tqdm(range(epochs), desc="training the judge", leave=False):
+        judge.train()
+        order = torch.randperm(len(x))
+        for i in range(0, len(x), 64):
+            idx = order[i:i + 64]
+            shift = torch.randint(-2, 3, (2,)).tolist()
+            loss = F.cross_entropy(judge(torch.roll(x[idx], shift, dims=(2, 3))), y[idx])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+    accuracy = (judge.embed(x_val)[1] == y_val).float().mean().item()
+    return judge, accuracy
+
+
+def cached_judge(run_dir: Path, x, y, x_val, y_val, epochs: int = 15) -> tuple[Judge, float]:
+    """The run's judge, trained once and kept in <run>/judge.pt."""
+    path = run_dir / "judge.pt"
+    if path.is_file():
+        state = load_checkpoint(path)
+        if tuple(state["shape"]) == tuple(x.shape[1:]):
+            judge = Judge(x.shape[1], int(state["num_classes"]))
+            judge.load_state_dict(state["weights"])
+            return judge.eval(), float(state["accuracy"])
+    judge, accuracy = train_judge(x, y, x_val, y_val, epochs)
+    save_checkpoint({"weights": judge.state_dict(), "accuracy": accuracy, "shape": list(x.shape[1:]),
+                     "num_classes": int(y.max()) + 1}, path)
+    return judge, accuracy
+
+
+# --------------------------------------------------------------------------- metrics
+
+def frechet_distance(a: torch.Tensor, b: torch.Tensor) -> float:
+    """||mu_a - mu_b||^2 + Tr(S_a + S_b - 2 (S_a S_b)^1/2) between two feature sets (as FID)."""
+    a, b = a.double(), b.double()
+    mu_a, mu_b = a.mean(0), b.mean(0)
+    cov_a, cov_b = torch.cov(a.T), torch.cov(b.T)
+    # Tr((S_a S_b)^1/2) = sum of sqrt of the eigenvalues of S_a^1/2 S_b S_a^1/2 (symmetric PSD)
+    vals, vecs = torch.linalg.eigh(cov_a)
+    sqrt_a = vecs @ torch.diag(vals.clamp(min=0).sqrt()) @ vecs.T
+    cross = torch.linalg.eigvalsh(sqrt_a @ cov_b @ sqrt_a).clamp(min=0).sqrt().sum()
+    return float((mu_a - mu_b).square().sum() + cov_a.trace() + cov_b.trace() - 2 * cross)
+
+
+def kernel_inception_distance(a: torch.Tensor, b: torch.Tensor, subsets: int = 20, size: int = 200,
+                              seed: int = 0) -> float:
+    """Unbiased MMD^2 with the cubic polynomial kernel (x.y / d + 1)^3, averaged over random subsets (as KID)."""
+    a, b = a.double(), b.double()
+    d, size = a.shape[1], min(size, len(a), len(b))
+    g = torch.Generator().manual_seed(seed)
+    values = []
+    for _ in range(subsets):
+        x = a[torch.randperm(len(a), generator=g)[:size]]
+        y = b[torch.randperm(len(b), generator=g)[:size]]
+        k_xx, k_yy, k_xy = ((x @ x.T / d + 1) ** 3, (y @ y.T / d + 1) ** 3, (x @ y.T / d + 1) ** 3)
+        off = size * (size - 1)
+        values.append((k_xx.sum() - k_xx.diag().sum()) / off + (k_yy.sum() - k_yy.diag().sum()) / off
+                      - 2 * k_xy.mean())
+    return float(torch.stack(values).mean())
+
+
+def nearest_distances(queries: torch.Tensor, reference: torch.Tensor, batch: int = 256) -> torch.Tensor:
+    """Pixel-space L2 distance from each query image to its nearest reference image (both uint8)."""
+    ref = reference.flatten(1).float() / 255
+    return torch.cat([torch.cdist(queries[i:i + batch].flatten(1).float() / 255, ref).min(1).values
+                      for i in range(0, len(queries), batch)])
+
+
+def memorisation(samples: torch.Tensor, train: torch.Tensor, held_out: torch.Tensor) -> dict:
+    """How close samples come to the training set, against how close unseen real images come.
+
+    ratio = median NN distance of samples / median NN distance of held-out images. Near 1 (or
+    above) generalises; well below 1 means samples sit on training images: flagged under 0.8.
+    """
+    d_samples, d_held = nearest_distances(samples, train), nearest_distances(held_out, train)
+    ratio = float(d_samples.median() / d_held.median())
+    return {"nn_median_samples": float(d_samples.median()), "nn_median_held_out": float(d_held.median()),
+            "nn_ratio": ratio, "memorising": ratio < 0.8}
+
+
+def class_entropy(predicted: torch.Tensor, num_classes: int) -> float:
+    """Entropy of the predicted-class histogram over log(num_classes): 1 = every class equally often."""
+    p = torch.bincount(predicted, minlength=num_classes).double() / len(predicted)
+    return float(-(p[p > 0] * p[p > 0].log()).sum() / math.log(num_classes))
+
+
+# --------------------------------------------------------------------------- evaluation
+
+def generate(model, diffusion, n: int, labels: torch.Tensor | None, cfg_scale: float, sampler: str,
+             steps: int | None, precision: str = "auto", batch: int = 250) -> tuple[torch.Tensor, float]:
+    """n samples (on the CPU) and the seconds per image it took."""
+    device = next(model.parameters()).device
+    dtype = autocast_dtype(precision, device)
+    out, start = [], time.perf_counter()
+    for i in tqdm(range(0, n, batch), desc=f"sampling {sampler}-{steps or 'all'} cfg {cfg_scale}", leave=False):
+        k = min(batch, n - i)
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            if labels is None:
+                x = diffusion.sample(model, k, sampler=sampler, steps=steps, progress=False)
+            else:
+                x = diffusion.sample(model, k, labels[i:i + k], cfg_scale, sampler=sampler, steps=steps,
+                                     progress=False)
+        out.append(x.cpu())
+    return torch.cat(out), (time.perf_counter() - start) / n
+
+
+def score(samples: torch.Tensor, labels: torch.Tensor | None, judge: Judge, real: dict, num_classes: int) -> dict:
+    feats, predicted = judge.embed(samples)
+    result = {"fd": frechet_distance(feats, real["held_feats"]), "kid": kernel_inception_distance(feats, real["held_feats"])}
+    if labels is not None:
+        result["accuracy"] = float((predicted == labels).float().mean())
+        result["accuracy_per_class"] = [float((predicted[labels == c] == c).float().mean()) for c in range(num_classes)]
+    else:
+        result["class_entropy"] = class_entropy(predicted, num_classes)
+    result.update(memorisation(samples, real["train"], real["held"]))
+    return result
+
+
+def setting_name(s: dict) -> str:
+    return f"{s['sampler']}-{s['steps'] or 'all'} cfg {s['cfg_scale']:g}"
+
+
+def evaluate(args: argparse.Namespace) -> dict:
+    run_dir = Path(args.run)
+    config_path = run_dir / "run.json"
+    if not config_path.is_file():
+        raise UserError(f"'{run_dir}' has no run.json: give a run folder written by ddpm.py or ddpm_conditional.py")
+    config = json.loads(config_path.read_text())
+    model, diffusion = load(run_dir, device=args.device)
+    conditional = hasattr(model, "num_classes")
+
+    x_train, y_train, x_held, y_held, classes = real_images(config)
+    if len(classes) < 2:
+        raise UserError("the judge is a classifier: it needs a dataset of at least 2 classes (class sub-folders)")
+    judge, judge_accuracy = cached_judge(run_dir, x_train, y_train, x_held, y_held, args.judge_epochs)
+    held_feats = judge.embed(x_held)[0]
+    floor_idx = torch.randperm(len(x_train), generator=torch.Generator().manual_seed(1))[:min(args.n, len(x_train))]
+    train_feats = judge.embed(x_train[floor_idx])[0]
+    real = {"train": x_train, "held": x_held, "held_feats": held_feats}
+    floor = {"fd": frechet_distance(train_feats, held_feats), "kid": kernel_inception_distance(train_feats, held_feats)}
+
+    steps = full_chain(args.steps, args.sampler, diffusion)
+    settings = [dict(sampler=args.sampler, steps=steps, cfg_scale=args.cfg_scale)]
+    if args.sweep in ("cfg", "all") and conditional:
+        settings += [dict(sampler=args.sampler, steps=steps, cfg_scale=float(c)) for c in CFG_SWEEP]
+    if args.sweep in ("steps", "all"):
+        settings += [dict(sampler=s, steps=k, cfg_scale=args.cfg_scale) for s, k in STEPS_SWEEP]
+    unique = list({setting_name(s): s for s in settings}.values())
+
+    labels = torch.arange(model.num_classes).repeat(math.ceil(args.n / model.num_classes))[:args.n] if conditional else None
+    results, grids = [], {}
+    for s in unique:
+        seed_everything(args.seed)
+        samples, seconds = generate(model, diffusion, args.n, labels, s["cfg_scale"], s["sampler"], s["steps"],
+                                    args.precision)
+        results.append({**s, **score(samples, labels, judge, real, len(classes)), "seconds_per_image": seconds})
+        per_row = model.num_classes if conditional else 10
+        grids[setting_name(s)] = samples[:min(10, len(samples) // per_row) * per_row]
+        print(format_row(results[-1], conditional), flush=True)
+
+    report = {"run": str(run_dir), "n": args.n, "judge_accuracy_held_out": judge_accuracy, "floor": floor,
+              "results": results, "inception_fid": inception_fid(args, model, diffusion, labels, x_held)}
+    out_dir = Path("results") / run_dir.name
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_json(report, out_dir / "eval.json")
+    main_grid = grids[setting_name(unique[0])]
+    save_images(sorted_by_label(main_grid, conditional, model), out_dir / "eval_samples.png", nrow=10)
+    if args.sweep != "none":
+        plot_sweeps(report, grids, conditional, model, out_dir)
+    print_table(report, conditional)
+    print(f"wrote {out_dir / 'eval.json'}")
+    if args.readme:
+        write_readme(Path(args.readme), report, conditional, out_dir)
+    return report
+
+
+def sorted_by_label(images: torch.Tensor, conditional: bool, model) -> torch.Tensor:
+    """Grid order: one row per class (labels cycle 0..K-1 in the sample batch)."""
+    if not conditional:
+        return images
+    k = model.num_classes
+    return images.view(-1, k, *images.shape[1:]).transpose(0, 1).reshape(-1, *images.shape[1:])
+
+
+def inception_fid(args, model, diffusion, labels, x_held) -> str | float:
+    if not args.inception_weights:
+        return "off: pass --inception_weights PATH (a local Inception v3 FID weights file) for standard FID"
+    path = Path(args.inception_weights)
+    if not path.is_file():
+        raise UserError(f"--inception_weights '{path}' does not exist")
+    try:
+        from torchmetrics.image.fid import FrechetInceptionDistance
+    except ImportError:
+        raise UserError("standard FID needs torchmetrics and torch-fidelity: pip install torchmetrics torch-fidelity")
+    fid = FrechetInceptionDistance(feature=2048, feature_extractor_weights_path=str(path))
+    rgb = lambda x: x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x[:, :3]
+    seed_everything(args.seed)
+    samples, _ = generate(model, diffusion, args.n, labels, args.cfg_scale, args.sampler,
+                          full_chain(args.steps, args.sampler, diffusion), args.precision)
+    fid.update(rgb(x_held), real=True)
+    fid.update(rgb(samples), real=False)
+    return float(fid.compute())
+
+
+# --------------------------------------------------------------------------- reporting
+
+def format_row(r: dict, conditional: bool) -> str:
+    first = f"acc {100 * r['accuracy']:5.1f}%" if conditional else f"entropy {r['class_entropy']:.3f}"
+    return (f"{setting_name(r):20s} {first}  FD {r['fd']:8.3f}  KID {r['kid']:8.4f}  NN ratio {r['nn_ratio']:.2f}"
+            f"{' (MEMORISING)' if r['memorising'] else ''}  {r['seconds_per_image']:.3f} s/img")
+
+
+def print_table(report: dict, conditional: bool) -> None:
+    print(f"\njudge accuracy on held-out real images: {100 * report['judge_accuracy_held_out']:.1f}%")
+    print(f"real-vs-real floor (held-out vs training): FD {report['floor']['fd']:.3f}  KID {report['floor']['kid']:.4f}")
+    for r in report["results"]:
+        print(format_row(r, conditional))
+    print(f"Inception FID: {report['inception_fid']}")
+
+
+def plot_sweeps(report: dict, grids: dict, conditional: bool, model, out_dir: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    results = report["results"]
+    main = results[0]
+    metric = "accuracy" if conditional else "class_entropy"
+    cfg_rows = sorted((r for r in results if r["sampler"] == main["sampler"] and r["steps"] == main["steps"]),
+                      key=lambda r: r["cfg_scale"])
+    step_rows = [r for r in results if r["cfg_scale"] == main["cfg_scale"]]
+    if conditional and len(cfg_rows) >= 2:
+        fig, axes = plt.subplots(1, 3, figsize=(13, 3.5))
+        for ax, key in zip(axes, (metric, "fd", "kid")):
+            ax.plot([r["cfg_scale"] for r in cfg_rows], [r[key] for r in cfg_rows], "o-")
+            if key != metric:
+                ax.axhline(report["floor"][key], color="gray", ls="--", label="real vs real")
+                ax.legend()
+            ax.set_xlabel("cfg_scale")
+            ax.set_title(key)
+        fig.suptitle(f"guidance sweep ({main['sampler']}-{main['steps'] or 'all'}, n={report['n']})")
+        fig.tight_layout()
+        fig.savefig(out_dir / "sweep_cfg.png", dpi=100)
+        plt.close(fig)
+        side_by_side([(f"cfg {r['cfg_scale']:g}", grids[setting_name(r)]) for r in cfg_rows], model, conditional,
+                     out_dir / "sweep_cfg_grids.png")
+    if len(step_rows) >= 2:
+        fig, axes = plt.subplots(1, 3, figsize=(13, 3.5))
+        for ax, key in zip(axes, (metric, "fd", "kid")):
+            for sampler in ("ddpm", "ddim"):
+                rows = sorted((r for r in step_rows if r["sampler"] == sampler), key=lambda r: r["steps"] or 999)
+                ax.plot([r["steps"] or 999 for r in rows], [r[key] for r in rows], "o-", label=sampler)
+            if key != metric:
+                ax.axhline(report["floor"][key], color="gray", ls="--", label="real vs real")
+            ax.set_xscale("log")
+            ax.set_xlabel("sampler steps")
+            ax.set_title(key)
+            ax.legend()
+        fig.suptitle(f"sampler sweep (cfg {main['cfg_scale']:g}, n={report['n']})")
+        fig.tight_layout()
+        fig.savefig(out_dir / "sweep_steps.png", dpi=100)
+        plt.close(fig)
+        side_by_side([(f"{r['sampler']}-{r['steps'] or 999}", grids[setting_name(r)]) for r in step_rows], model,
+                     conditional, out_dir / "sweep_steps_grids.png")
+
+
+def side_by_side(panels: list, model, conditional: bool, path: Path) -> None:
+    """Sample grids next to each other, titled (one row per class in each)."""
+    import matplotlib.pyplot as plt
+    from utils import make_grid
+
+    fig, axes = plt.subplots(1, len(panels), figsize=(2.2 * len(panels), 2.6))
+    for ax, (title, images) in zip(np.atleast_1d(axes), panels):
+        grid = make_grid(sorted_by_label(images, conditional, model)[:100], nrow=10).permute(1, 2, 0).numpy()
+        ax.imshow(grid)
+        ax.set_title(title, fontsize=9)
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def write_readme(readme: Path, report: dict, conditional: bool, out_dir: Path) -> None:
+    """Replace the README's Results block (between its markers) with this report, copying the figures."""
+    import shutil
+
+    start, end = "<!-- results:start -->", "<!-- results:end -->"
+    text = readme.read_text()
+    if start not in text or end not in text:
+        raise UserError(f"{readme} has no '{start}' ... '{end}' block to fill")
+    assets = readme.parent / "assets"
+    assets.mkdir(exist_ok=True)
+    figures = [f for f in ("eval_samples.png", "sweep_cfg.png", "sweep_steps.png", "sweep_steps_grids.png")
+               if (out_dir / f).is_file()]
+    for f in figures:
+        shutil.copy(out_dir / f, assets / f)
+    head = "accuracy" if conditional else "class entropy"
+    lines = [start, "", f"Generated by `python evaluate.py --run {report['run']} --sweep all --readme README.md` "
+             f"(n = {report['n']} samples per setting).", "",
+             f"Judge accuracy on the 500 held-out real digits: **{100 * report['judge_accuracy_held_out']:.1f}%**. "
+             f"Real-vs-real floor (held-out vs training images): FD {report['floor']['fd']:.2f}, "
+             f"KID {report['floor']['kid']:.4f}.", "",
+             f"| sampler | cfg | {head} | FD | KID | NN ratio | s/image |", "|---|---|---|---|---|---|---|"]
+    for r in report["results"]:
+        first = f"{100 * r['accuracy']:.1f}%" if conditional else f"{r['class_entropy']:.3f}"
+        lines.append(f"| {r['sampler']}-{r['steps'] or 999} | {r['cfg_scale']:g} | {first} | {r['fd']:.2f} | "
+                     f"{r['kid']:.4f} | {r['nn_ratio']:.2f} | {r['seconds_per_image']:.3f} |")
+    lines.append("")
+    lines += [f"![{f}](assets/{f})" for f in figures]
+    lines += ["", end]
+    new = text[:text.index(start)] + "\n".join(lines) + text[text.index(end) + len(end):]
+    atomic_write(readme, lambda f: f.write(new.encode()))
+    print(f"updated {readme}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="Evaluate a run's samples offline.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--run", required=True, help="a run folder (models/<run_name>)")
+    p.add_argument("--n", type=int, default=1000, help="samples per setting")
+    p.add_argument("--sampler", choices=["ddpm", "ddim"], default="ddpm", help="sampler of the main setting")
+    p.add_argument("--steps", type=int, default=50, help="sampler steps of the main setting; 0 = every step")
+    p.add_argument("--cfg_scale", type=float, default=3.0, help="guidance scale of the main setting")
+    p.add_argument("--sweep", choices=["none", "cfg", "steps", "all"], default="none",
+                   help="cfg: guidance scales 0..7; steps: DDIM and DDPM at 10..100 steps and DDPM-999")
+    p.add_argument("--inception_weights", default=None, help="a local Inception v3 weights file for standard FID")
+    p.add_argument("--readme", default=None, help="rewrite this README's Results block with the report")
+    p.add_argument("--seed", type=int, default=0, help="random seed of every setting")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto", help="sampling precision")
+    p.add_argument("--judge_epochs", type=int, default=15, help="training epochs of the judge (cached in the run)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    if args.n < 2:
+        raise UserError(f"--n must be at least 2, got {args.n}")
+    evaluate(args)
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -1,0 +1,86 @@
+import json
+
+import pytest
+import torch
+
+import ddpm_conditional
+import evaluate
+from utils import load_digits
+
+
+def test_frechet_distance_of_gaussians_matches_closed_form():
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(20000, 4, generator=g)
+    b = 1 + 2 * torch.randn(20000, 4, generator=g)  # mean 1, std 2 in each of 4 dimensions
+    # ||mu_a - mu_b||^2 + sum (s_a - s_b)^2 = 4 * 1 + 4 * 1
+    assert evaluate.frechet_distance(a, b) == pytest.approx(8.0, rel=0.05)
+    assert evaluate.frechet_distance(a, a) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_kid_is_zero_for_one_distribution_and_positive_for_two():
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(1000, 8, generator=g), torch.randn(1000, 8, generator=g)
+    assert abs(evaluate.kernel_inception_distance(a, b)) < 0.01
+    assert evaluate.kernel_inception_distance(a, b + 1) > 0.1
+
+
+@pytest.fixture(scope="module")
+def digits_and_judge():
+    """The test-sized judge: 3 epochs on the 4,500 training digits at 16x16."""
+    x_train, y_train, x_held, y_held = load_digits()
+    x_train, x_held = evaluate.digits_at(x_train, 16), evaluate.digits_at(x_held, 16)
+    judge, accuracy = evaluate.train_judge(x_train, y_train, x_held, y_held, epochs=3)
+    return x_train, y_train, x_held, y_held, judge, accuracy
+
+
+def test_judge_learns_the_digits(digits_and_judge):
+    *_, accuracy = digits_and_judge
+    assert accuracy >= 0.93  # the full 15-epoch judge reaches ~98-99%
+
+
+def test_real_vs_real_is_near_the_floor_and_noise_is_far(digits_and_judge):
+    x_train, _, x_held, _, judge, _ = digits_and_judge
+    held = judge.embed(x_held)[0]
+    floor = evaluate.frechet_distance(judge.embed(x_train[:500])[0], held)
+    other_real = evaluate.frechet_distance(judge.embed(x_train[500:1000])[0], held)
+    noise = torch.randint(0, 256, x_held.shape, generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    noise_fd = evaluate.frechet_distance(judge.embed(noise)[0], held)
+    assert other_real < 2 * floor
+    assert noise_fd > 20 * floor
+
+
+def test_memorisation_check_flags_copies_of_training_images(digits_and_judge):
+    x_train, _, x_held, *_ = digits_and_judge
+    copies = evaluate.memorisation(x_train[:200], x_train, x_held)
+    assert copies["memorising"] and copies["nn_ratio"] == 0
+    fresh = evaluate.memorisation(x_held[:200], x_train, x_held)
+    assert not fresh["memorising"] and fresh["nn_ratio"] == pytest.approx(1, abs=0.15)
+
+
+def test_class_entropy():
+    assert evaluate.class_entropy(torch.arange(10).repeat(5), 10) == pytest.approx(1.0)
+    assert evaluate.class_entropy(torch.zeros(50, dtype=torch.long), 10) == 0.0
+
+
+def test_evaluate_end_to_end_writes_report_plots_and_readme(in_tmp, monkeypatch):
+    monkeypatch.setattr(evaluate, "CFG_SWEEP", [1, 3])
+    monkeypatch.setattr(evaluate, "STEPS_SWEEP", [("ddim", 5), ("ddpm", 5), ("ddpm", None)])
+    ddpm_conditional.main(["--width", "8", "--image_size", "16", "--noise_steps", "20", "--limit", "64",
+                           "--epochs", "1", "--sample_every", "0", "--precision", "fp32"])
+    readme = in_tmp / "README.md"
+    readme.write_text("# x\n<!-- results:start -->\nold\n<!-- results:end -->\ntail\n")
+    report = evaluate.evaluate(evaluate.build_parser().parse_args(
+        ["--run", "models/DDPM_conditional", "--n", "20", "--steps", "5", "--sweep", "all", "--readme", str(readme),
+         "--judge_epochs", "1"]))
+    saved = json.loads((in_tmp / "results" / "DDPM_conditional" / "eval.json").read_text())
+    assert saved["results"][0]["accuracy"] == report["results"][0]["accuracy"]
+    names = [evaluate.setting_name(r) for r in saved["results"]]
+    assert names == ["ddpm-5 cfg 3", "ddpm-5 cfg 1", "ddim-5 cfg 3", "ddpm-all cfg 3"]
+    assert {"fd", "kid", "nn_ratio", "memorising", "seconds_per_image"} <= set(saved["results"][0])
+    assert "off" in saved["inception_fid"]
+    for f in ("sweep_cfg.png", "sweep_steps.png", "sweep_steps_grids.png", "eval_samples.png"):
+        assert (in_tmp / "results" / "DDPM_conditional" / f).is_file()
+    text = readme.read_text()
+    assert "old" not in text and text.endswith("<!-- results:end -->\ntail\n") and "| ddpm-5 | 3 |" in text
+    assert (in_tmp / "assets" / "sweep_cfg.png").is_file()
+    assert (in_tmp / "models" / "DDPM_conditional" / "judge.pt").is_file()  # cached for the next call

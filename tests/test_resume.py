@@ -1,0 +1,199 @@
+"""Faults: kill -9, Ctrl-C, NaN, broken images, unwritable folders, malicious checkpoints."""
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+import ddpm
+import ddpm_conditional
+from conftest import ROOT, write_images
+from utils import run_main
+
+# 32 digits, batch 8: 4 steps an epoch; log every step so that TensorBoard shows every step
+TINY = ["--width", "8", "--image_size", "16", "--precision", "fp32", "--noise_steps", "50", "--limit", "32",
+        "--batch_size", "8", "--sample_every", "0", "--log_every", "1", "--ema_start", "2",
+        "--lr_schedule", "constant", "--warmup", "2"]
+RUN = ["--run_name", "r"]
+
+
+def train(argv):
+    ddpm_conditional.main([*TINY, *RUN, *argv])
+
+
+def weights(folder, name):
+    return torch.load(folder / "models" / "r" / name, weights_only=True)
+
+
+def assert_same_weights(a, b, exact=True):
+    assert a.keys() == b.keys()
+    for k in a:
+        if exact:
+            assert torch.equal(a[k], b[k]), k
+        else:
+            torch.testing.assert_close(a[k], b[k], atol=1e-4, rtol=1e-4)
+
+
+def tensorboard_steps(folder):
+    return [e.step for e in EventAccumulator(str(folder / "runs" / "r")).Reload().Scalars("MSE")]
+
+
+def test_resume_at_an_epoch_end_equals_an_uninterrupted_run(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
+    os.chdir(tmp_path / "a")
+    train(["--epochs", "3"])
+    os.chdir(tmp_path / "b")
+    train(["--epochs", "2"])
+    train(["--epochs", "3", "--resume"])
+    for name in ("ckpt.pt", "ema_ckpt.pt"):
+        assert_same_weights(weights(tmp_path / "a", name), weights(tmp_path / "b", name))
+    state = weights(tmp_path / "b", "resume.pt")
+    assert (state["step"], state["epoch"], state["ema"]["step"]) == (12, 3, 12)
+    assert tensorboard_steps(tmp_path / "b") == list(range(12))
+
+
+def test_resuming_a_finished_run_says_so(in_tmp, capsys):
+    train(["--epochs", "1"])
+    train(["--epochs", "1", "--resume"])
+    assert "already finished its 1 epochs" in capsys.readouterr().out
+
+
+def test_resume_refuses_changed_model_or_data(in_tmp, capsys):
+    train(["--epochs", "1"])
+    with pytest.raises(SystemExit) as e:
+        run_main(lambda: train(["--epochs", "2", "--resume", "--width", "16"]))
+    assert e.value.code == 2
+    assert "--width 16 (the run has 8)" in capsys.readouterr().err
+    train(["--epochs", "2", "--resume", "--lr", "1e-4"])  # the optimisation may change
+    assert weights(in_tmp, "resume.pt")["optimizer"]["param_groups"][0]["lr"] == pytest.approx(1e-4)
+
+
+def test_resume_without_a_checkpoint_is_a_clear_error(in_tmp, capsys):
+    with pytest.raises(SystemExit):
+        run_main(lambda: train(["--resume"]))
+    assert "nothing to resume" in capsys.readouterr().err
+
+
+def start(folder, argv, **kw):
+    return subprocess.Popen([sys.executable, str(ROOT / "ddpm_conditional.py"), *TINY, *RUN, *argv], cwd=folder,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
+
+
+def wait_for(path, timeout=60):
+    deadline = time.time() + timeout
+    while not path.exists():
+        assert time.time() < deadline, f"{path} never appeared"
+        time.sleep(0.05)
+
+
+def every_file_loads(folder):
+    run = folder / "models" / "r"
+    for name in ("ckpt.pt", "ema_ckpt.pt", "optim.pt", "resume.pt"):
+        if (run / name).exists():
+            torch.load(run / name, weights_only=True)
+    json.loads((run / "run.json").read_text())
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_kill_9_at_a_random_moment_then_resume(tmp_path, seed):
+    """Checkpoint every step, kill -9 somewhere, check what is on disk, resume to the end."""
+    epochs, steps_per_epoch = 20, 4
+    proc = start(tmp_path, ["--epochs", str(epochs), "--save_every", "1"])
+    wait_for(tmp_path / "models" / "r" / "resume.pt")
+    time.sleep(random.Random(seed).uniform(0, 1.5))
+    proc.kill()
+    proc.wait()
+    every_file_loads(tmp_path)
+    done = torch.load(tmp_path / "models" / "r" / "resume.pt", weights_only=True)["step"]
+    result = subprocess.run([sys.executable, str(ROOT / "ddpm_conditional.py"), *TINY, *RUN, "--epochs", str(epochs),
+                             "--resume"], cwd=tmp_path, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    every_file_loads(tmp_path)
+    state = torch.load(tmp_path / "models" / "r" / "resume.pt", weights_only=True)
+    assert state["step"] == epochs * steps_per_epoch and state["epoch"] == epochs
+    assert f"step {done}" in result.stdout
+    assert tensorboard_steps(tmp_path) == list(range(epochs * steps_per_epoch))  # continuous, no repeats
+
+
+def test_ctrl_c_mid_epoch_saves_and_resume_finishes_like_an_uninterrupted_run(tmp_path):
+    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
+    reference = subprocess.run([sys.executable, str(ROOT / "ddpm_conditional.py"), *TINY, *RUN, "--epochs", "40"],
+                               cwd=tmp_path / "a", capture_output=True, text=True)
+    assert reference.returncode == 0, reference.stderr
+    proc = start(tmp_path / "b", ["--epochs", "40", "--save_every", "2"])
+    wait_for(tmp_path / "b" / "models" / "r" / "resume.pt")
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signal.SIGINT, err
+    assert "Resume with: python ddpm_conditional.py --resume --run_name r" in err and "Traceback" not in err
+    interrupted = torch.load(tmp_path / "b" / "models" / "r" / "resume.pt", weights_only=True)
+    assert interrupted["step"] < 160
+    result = subprocess.run([sys.executable, str(ROOT / "ddpm_conditional.py"), *TINY, *RUN, "--epochs", "40",
+                             "--resume"], cwd=tmp_path / "b", capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    for name in ("ckpt.pt", "ema_ckpt.pt"):
+        assert_same_weights(weights(tmp_path / "a", name), weights(tmp_path / "b", name), exact=False)
+    assert tensorboard_steps(tmp_path / "b") == list(range(160))
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(in_tmp, monkeypatch, capsys):
+    train(["--epochs", "1"])
+    good = weights(in_tmp, "ckpt.pt")
+    real_loss = ddpm.Trainer.loss
+
+    def poisoned(self, images, labels):
+        loss = real_loss(self, images, labels)
+        return loss * float("nan") if self.step == 5 else loss
+
+    monkeypatch.setattr(ddpm.Trainer, "loss", poisoned)
+    with pytest.raises(SystemExit) as e:
+        run_main(lambda: train(["--epochs", "3", "--resume"]))
+    assert e.value.code == 2
+    assert "non-finite at step 5" in capsys.readouterr().err
+    assert_same_weights(weights(in_tmp, "ckpt.pt"), good)
+    assert weights(in_tmp, "resume.pt")["step"] == 4
+
+
+def test_broken_images_are_listed_or_skipped(in_tmp, capsys):
+    write_images(in_tmp / "data" / "a", 4)
+    write_images(in_tmp / "data" / "b", 4, seed=1)
+    (in_tmp / "data" / "a" / "bad1.png").write_bytes(b"garbage")
+    (in_tmp / "data" / "b" / "bad2.jpg").write_bytes(b"")
+    argv = ["--width", "8", "--image_size", "16", "--dataset_path", "data", "--batch_size", "4", "--epochs", "1",
+            "--sample_every", "0", "--num_workers", "0"]
+    with pytest.raises(SystemExit):
+        run_main(lambda: ddpm_conditional.main(argv))
+    err = capsys.readouterr().err
+    assert "2 unreadable image(s)" in err and "bad1.png" in err and "bad2.jpg" in err
+    ddpm_conditional.main([*argv, "--skip_bad_images"])
+    assert "skipping 2 unreadable image(s) of 10" in capsys.readouterr().out
+    assert (in_tmp / "models" / "DDPM_conditional" / "ckpt.pt").exists()
+
+
+def test_unwritable_output_folder_is_a_clear_error(in_tmp, capsys):
+    (in_tmp / "models").write_text("a file where the folder should be")
+    with pytest.raises(SystemExit):
+        run_main(lambda: train(["--epochs", "1"]))
+    assert "cannot write to 'models/r'" in capsys.readouterr().err
+
+
+class Payload:
+    def __reduce__(self):
+        return os.system, (f"touch {Payload.marker}",)
+
+
+def test_a_malicious_resume_file_never_runs(in_tmp, capsys):
+    Payload.marker = in_tmp / "pwned"
+    (in_tmp / "models" / "r").mkdir(parents=True)
+    torch.save({"args": {}, "x": Payload()}, in_tmp / "models" / "r" / "resume.pt")
+    with pytest.raises(SystemExit):
+        run_main(lambda: train(["--resume"]))
+    assert "resume.pt' is not a readable checkpoint" in capsys.readouterr().err
+    assert not Payload.marker.exists()
