@@ -45,8 +45,8 @@ def test_real_vs_real_is_near_the_floor_and_noise_is_far(digits_and_judge):
     other_real = evaluate.frechet_distance(judge.embed(x_train[500:1000])[0], held)
     noise = torch.randint(0, 256, x_held.shape, generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
     noise_fd = evaluate.frechet_distance(judge.embed(noise)[0], held)
-    assert other_real < 2 * floor
-    assert noise_fd > 20 * floor
+    assert other_real < 3 * floor  # two real-vs-real estimates agree (500 images each: a noisy estimate)
+    assert noise_fd > 20 * max(floor, other_real)
 
 
 def test_memorisation_check_flags_copies_of_training_images(digits_and_judge):
