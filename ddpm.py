@@ -328,9 +328,11 @@ class Trainer:
         if a.resume:
             self.load_resume_state(load_checkpoint(self.folder / "resume.pt"))
             if self.epoch >= a.epochs:
-                print(f"{a.run_name} already finished its {self.epoch} epochs: raise --epochs to train on")
+                if self.is_main:
+                    print(f"{a.run_name} already finished its {self.epoch} epochs: raise --epochs to train on")
                 return
-            print(f"resuming {a.run_name} at epoch {self.epoch}, step {self.step}")
+            if self.is_main:
+                print(f"resuming {a.run_name} at epoch {self.epoch}, step {self.step}")
         steps = len(self.loader)
         if self.is_main:
             # a resumed run drops the TensorBoard events written after its checkpoint

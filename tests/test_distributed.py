@@ -69,11 +69,15 @@ def test_two_processes_equal_one_process_on_the_union_of_their_batches(tmp_path)
     assert max((single[k] - initial[k]).abs().max() for k in single) > 1e-3  # training moved the weights far more
 
 
-def test_torchrun_writes_one_plain_checkpoint(tmp_path):
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                             "--master_port", str(free_port()), str(ROOT / "ddpm_conditional.py"), *TINY,
-                             "--batch_size", "4", "--epochs", "2", "--run_name", "ddp"],
-                            cwd=tmp_path, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+def torchrun(folder, *argv):
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                           "--master_port", str(free_port()), str(ROOT / "ddpm_conditional.py"), *TINY,
+                           "--batch_size", "4", "--run_name", "ddp", *argv],
+                          cwd=folder, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def test_torchrun_writes_one_plain_checkpoint_and_resumes(tmp_path):
+    result = torchrun(tmp_path, "--epochs", "2")
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count("world size 2: global batch 8 (4 per process)") == 1
     run = tmp_path / "models" / "ddp"
@@ -82,3 +86,7 @@ def test_torchrun_writes_one_plain_checkpoint(tmp_path):
     assert not any(k.startswith("module.") for k in state)
     resume = torch.load(run / "resume.pt", weights_only=True)
     assert resume["step"] == 2 * 32 // 8  # each process takes half of every epoch
+    result = torchrun(tmp_path, "--epochs", "3", "--resume")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("resuming ddp at epoch 2, step 8") == 1
+    assert torch.load(run / "resume.pt", weights_only=True)["step"] == 12

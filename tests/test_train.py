@@ -81,3 +81,21 @@ def test_command_line_error_has_no_traceback(in_tmp):
     assert "Traceback" not in result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: dataset folder 'empty' holds no images")
+
+
+def test_bf16_loss_curve_tracks_fp32(in_tmp):
+    """bf16 autocast changes the arithmetic, not the training: the same losses, fp32 master weights."""
+    curves = {}
+    for precision in ("fp32", "bf16"):
+        args = ddpm.parse_args(ddpm.build_parser(), [
+            "--width", "8", "--image_size", "16", "--noise_steps", "100", "--limit", "16", "--batch_size", "16",
+            "--lr", "3e-3", "--warmup", "0", "--lr_schedule", "constant", "--precision", precision,
+            "--run_name", precision])
+        trainer = ddpm.Trainer(args)
+        images, labels = next(iter(trainer.loader))
+        torch.manual_seed(0)  # the same timesteps and noise for both precisions
+        curves[precision] = torch.stack([trainer.train_step(images, labels) for _ in range(40)])
+        assert all(p.dtype == torch.float32 for p in trainer.model.parameters())
+    fp32, bf16 = curves["fp32"], curves["bf16"]
+    assert fp32[-10:].mean() < 0.5 * fp32[:5].mean() and bf16[-10:].mean() < 0.5 * bf16[:5].mean()
+    assert (bf16 - fp32).abs().mean() < 0.1 * fp32.mean()
