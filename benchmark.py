@@ -10,7 +10,6 @@ against the peak of the precision in use, the fast sampler's cost with and witho
 peak memory.
 """
 import argparse
-import json
 import os
 import resource
 import statistics
