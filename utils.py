@@ -200,9 +200,9 @@ def get_data(args) -> DataLoader:
         files = image_files(root)
         if not files:
             raise UserError(f"dataset folder '{root}' holds no images ({', '.join(IMAGE_EXTENSIONS)})")
-        bad = unreadable_images(files)
+        bad = frozenset(unreadable_images(files))
         if bad and not getattr(args, "skip_bad_images", False):
-            shown = ", ".join(map(str, bad[:10])) + (f" and {len(bad) - 10} more" if len(bad) > 10 else "")
+            shown = ", ".join(map(str, sorted(bad)[:10])) + (f" and {len(bad) - 10} more" if len(bad) > 10 else "")
             raise UserError(f"{len(bad)} unreadable image(s): {shown}. Remove or fix them, or pass --skip_bad_images")
         if bad:
             print(f"skipping {len(bad)} unreadable image(s) of {len(files)}")
@@ -217,7 +217,7 @@ def get_data(args) -> DataLoader:
             T.ToTensor(),
             T.Normalize([0.5] * c, [0.5] * c),
         ])
-        dataset = ImageFiles(root, transform, c, exclude=frozenset(bad))
+        dataset = ImageFiles(root, transform, c, exclude=bad)
         classes = dataset.classes
         workers = args.num_workers if args.num_workers is not None else min(4, os.cpu_count() or 1)
     if args.limit:
