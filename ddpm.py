@@ -202,7 +202,8 @@ class Trainer:
         a = self.args
         return {
             "model": type(self.model).__name__,
-            "model_args": dict(c_in=a.c_in, c_out=a.c_in, time_dim=self.model.time_dim, width=a.width),
+            "model_args": dict(c_in=a.c_in, c_out=a.c_in, time_dim=self.model.time_dim, width=a.width,
+                              input_skip=a.input_skip),
             "diffusion_args": dict(noise_steps=a.noise_steps, beta_start=self.diffusion.beta_start,
                                    beta_end=self.diffusion.beta_end, img_size=a.image_size, c_in=a.c_in,
                                    schedule=a.schedule),
@@ -214,7 +215,7 @@ class Trainer:
 
     def build_model(self) -> nn.Module:
         a = self.args
-        return UNet(c_in=a.c_in, c_out=a.c_in, width=a.width)
+        return UNet(c_in=a.c_in, c_out=a.c_in, width=a.width, input_skip=a.input_skip)
 
     def build_diffusion(self) -> Diffusion:
         a = self.args
@@ -449,6 +450,9 @@ def build_parser(description: str = "Train an unconditional DDPM.", run_name: st
     p.add_argument("--image_size", type=int, default=None, help=f"side of the square images, divisible by 8 {recipe('image_size')}")
     p.add_argument("--c_in", type=int, default=None, help="image channels: 1, 3 or 4 (default: from the data)")
     p.add_argument("--width", type=int, default=None, help=f"base channel width of the UNet {recipe('width')}")
+    p.add_argument("--input_skip", action=argparse.BooleanOptionalAction, default=True,
+                   help="1x1 conv from x_t past the first GroupNorm, so the UNet sees the scale of x_t (DDIM needs "
+                        "it); --no-input_skip trains the original's exact network")
     p.add_argument("--epochs", type=int, default=None, help=f"passes over the data {recipe('epochs')}")
     p.add_argument("--batch_size", type=int, default=None, help=f"images per step {recipe('batch_size')}")
     p.add_argument("--lr", type=float, default=None, help=f"AdamW peak learning rate {recipe('lr')}")
@@ -504,7 +508,7 @@ def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None = None, r
 
 
 # What a resumed run may not change: the model and the data (and so the meaning of a step).
-LOCKED = ("dataset_path", "image_size", "c_in", "width", "noise_steps", "schedule", "num_classes", "limit",
+LOCKED = ("dataset_path", "image_size", "c_in", "width", "input_skip", "noise_steps", "schedule", "num_classes", "limit",
           "batch_size", "label_drop")
 
 

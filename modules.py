@@ -147,13 +147,21 @@ class UNet(nn.Module):
     `width` is the base channel count (64 in the original); every layer scales with it. Image
     sides must be divisible by 8 (three 2x downsamplings). `device` is accepted for old notebooks
     and ignored: everything follows the device of the input.
+
+    `input_skip` adds a 1x1 convolution from x_t to the first block's output. Without it (the
+    original network) the first block, a bias-free convolution followed by GroupNorm(1), divides
+    out the scale of x_t, so eps_theta(c * x_t, t) = eps_theta(x_t, t) for every c > 0: the
+    network cannot tell how large x_t is, and deterministic (DDIM) sampling drifts unchecked.
+    The training scripts turn it on; the default keeps the original's parameters and outputs.
     """
 
-    def __init__(self, c_in: int = 3, c_out: int = 3, time_dim: int = 256, width: int = 64, device=None):
+    def __init__(self, c_in: int = 3, c_out: int = 3, time_dim: int = 256, width: int = 64,
+                 input_skip: bool = False, device=None):
         super().__init__()
         w = width
         self.time_dim = time_dim
         self.inc = DoubleConv(c_in, w)
+        self.inc_skip = nn.Conv2d(c_in, w, kernel_size=1) if input_skip else None
         self.down1 = Down(w, 2 * w, time_dim)
         self.sa1 = SelfAttention(2 * w)
         self.down2 = Down(2 * w, 4 * w, time_dim)
@@ -180,7 +188,7 @@ class UNet(nn.Module):
         return torch.cat([angles.sin(), angles.cos()], dim=-1)
 
     def unet_forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        x1 = self.inc(x)
+        x1 = self.inc(x) if self.inc_skip is None else self.inc(x) + self.inc_skip(x)
         x2 = self.sa1(self.down1(x1, t))
         x3 = self.sa2(self.down2(x2, t))
         x4 = self.sa3(self.down3(x3, t))
@@ -205,8 +213,8 @@ class UNet_conditional(UNet):
     """
 
     def __init__(self, c_in: int = 3, c_out: int = 3, time_dim: int = 256, num_classes: int | None = None,
-                 width: int = 64, device=None):
-        super().__init__(c_in, c_out, time_dim, width)
+                 width: int = 64, input_skip: bool = False, device=None):
+        super().__init__(c_in, c_out, time_dim, width, input_skip)
         if num_classes is None:
             raise ValueError("UNet_conditional needs num_classes (the number of classes in the dataset)")
         self.num_classes = num_classes

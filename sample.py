@@ -25,7 +25,8 @@ def architecture_of(state: dict) -> dict:
     """UNet arguments read off a state_dict's shapes (for bare checkpoints without run.json)."""
     try:
         args = dict(c_in=state["inc.double_conv.0.weight"].shape[1], c_out=state["outc.weight"].shape[0],
-                    time_dim=state["down1.emb_layer.1.weight"].shape[1], width=state["inc.double_conv.0.weight"].shape[0])
+                    time_dim=state["down1.emb_layer.1.weight"].shape[1], width=state["inc.double_conv.0.weight"].shape[0],
+                    input_skip="inc_skip.weight" in state)
     except (KeyError, AttributeError, IndexError):
         raise UserError("the file holds no UNet state_dict of this project (or of the original)")
     if "label_emb.weight" in state:
