@@ -260,8 +260,11 @@ class Trainer:
             return {"": self.diffusion.sample(self.model, self.args.n_samples, **self.grid_sampler())}
 
     def grid_sampler(self) -> dict:
-        """In-training grids use the ancestral chain respaced to `sample_steps` steps: seconds, not minutes."""
-        return dict(sampler="ddpm", steps=min(self.args.sample_steps, self.args.noise_steps - 1))
+        """In-training grids use DDIM over `sample_steps` steps: seconds, not minutes. The original
+        network (--no-input_skip) cannot keep a deterministic trajectory in range: it gets the
+        ancestral chain respaced to as many steps."""
+        sampler = "ddim" if self.args.input_skip else "ddpm"
+        return dict(sampler=sampler, steps=min(self.args.sample_steps, self.args.noise_steps - 1))
 
     def state_dicts(self) -> dict[str, dict]:
         """The original's files: plain state_dicts."""
@@ -471,7 +474,7 @@ def build_parser(description: str = "Train an unconditional DDPM.", run_name: st
     p.add_argument("--sample_every", type=int, default=None,
                    help=f"epochs between sample grids, 0 = never; the last epoch always gets one {recipe('sample_every')}")
     p.add_argument("--n_samples", type=int, default=16, help="images in each sample grid (conditional: per class)")
-    p.add_argument("--sample_steps", type=int, default=50, help="steps of the (respaced ancestral) sampler for the in-training grids")
+    p.add_argument("--sample_steps", type=int, default=50, help="DDIM steps of the in-training grids")
     p.add_argument("--log_every", type=int, default=10, help="steps between loss logs (each one syncs the device)")
     p.add_argument("--num_workers", type=int, default=None, help="data-loading processes for a folder (default: min(4, cores))")
     p.add_argument("--compile", action="store_true", help="torch.compile the model (pays off on GPUs)")

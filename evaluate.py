@@ -422,7 +422,7 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--run", required=True, help="a run folder (models/<run_name>)")
     p.add_argument("--n", type=int, default=1000, help="samples per setting")
-    p.add_argument("--sampler", choices=["ddpm", "ddim"], default="ddpm", help="sampler of the main setting")
+    p.add_argument("--sampler", choices=["ddpm", "ddim"], default="ddim", help="sampler of the main setting")
     p.add_argument("--steps", type=int, default=50, help="sampler steps of the main setting; 0 = every step")
     p.add_argument("--cfg_scale", type=float, default=3.0, help="guidance scale of the main setting")
     p.add_argument("--sweep", choices=["none", "cfg", "steps", "all"], default="none",

@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> None:
                    help="conditional runs: one grid row per label (default: every class)")
     p.add_argument("--n", type=int, default=8, help="images per label (unconditional: images in all)")
     p.add_argument("--cfg_scale", type=float, default=3.0, help="guidance scale (1 = none)")
-    p.add_argument("--sampler", choices=["ddpm", "ddim"], default="ddpm", help="ddpm: ancestral; ddim: Song et al.")
+    p.add_argument("--sampler", choices=["ddpm", "ddim"], default="ddim", help="ddim: Song et al. (eta 0: deterministic); ddpm: ancestral")
     p.add_argument("--steps", type=int, default=50, help="sampler steps; 0 = every step (the original's chain)")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM noise: 0 deterministic, 1 like DDPM")
     p.add_argument("--no_ema", action="store_true", help="use ckpt.pt even when ema_ckpt.pt exists")

@@ -111,7 +111,7 @@ def test_end_to_end_on_three_class_folders(in_tmp):
     run = in_tmp / "models" / "DDPM_conditional"
     assert {p.name for p in run.iterdir()} == {"ckpt.pt", "ema_ckpt.pt", "optim.pt", "resume.pt", "run.json"}
     for name in ("ckpt.pt", "ema_ckpt.pt"):
-        model = UNet_conditional(c_in=3, c_out=3, num_classes=3, width=8)
+        model = UNet_conditional(c_in=3, c_out=3, num_classes=3, width=8, input_skip=True)
         model.load_state_dict(torch.load(run / name, weights_only=True), strict=True)
     config = json.loads((run / "run.json").read_text())
     assert config["class_names"] == ["apple", "banana", "cherry"] and config["num_classes"] == 3

@@ -25,7 +25,7 @@ def free_port() -> int:
 
 def initial_weights() -> dict:
     torch.manual_seed(1234)
-    return UNet(c_in=1, c_out=1, width=8).state_dict()
+    return UNet(c_in=1, c_out=1, width=8, input_skip=True).state_dict()
 
 
 def run_steps(rank: int, world_size: int, folder: str, port: int) -> None:

@@ -75,12 +75,12 @@ def test_evaluate_end_to_end_writes_report_plots_and_readme(in_tmp, monkeypatch)
     saved = json.loads((in_tmp / "results" / "DDPM_conditional" / "eval.json").read_text())
     assert saved["results"][0]["accuracy"] == report["results"][0]["accuracy"]
     names = [evaluate.setting_name(r) for r in saved["results"]]
-    assert names == ["ddpm-5 cfg 3", "ddpm-5 cfg 1", "ddim-5 cfg 3", "ddpm-all cfg 3"]
+    assert names == ["ddim-5 cfg 3", "ddim-5 cfg 1", "ddpm-5 cfg 3", "ddpm-all cfg 3"]
     assert {"fd", "kid", "nn_ratio", "memorising", "seconds_per_image"} <= set(saved["results"][0])
     assert "off" in saved["inception_fid"]
     for f in ("sweep_cfg.png", "sweep_steps.png", "sweep_steps_grids.png", "eval_samples.png"):
         assert (in_tmp / "results" / "DDPM_conditional" / f).is_file()
     text = readme.read_text()
-    assert "old" not in text and text.endswith("<!-- results:end -->\ntail\n") and "| ddpm-5 | 3 |" in text
+    assert "old" not in text and text.endswith("<!-- results:end -->\ntail\n") and "| ddim-5 | 3 |" in text
     assert (in_tmp / "assets" / "sweep_cfg.png").is_file()
     assert (in_tmp / "models" / "DDPM_conditional" / "judge.pt").is_file()  # cached for the next call

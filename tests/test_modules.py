@@ -50,6 +50,16 @@ def test_device_keyword_is_accepted_and_follows_the_input():
     assert model(torch.randn(1, 1, 8, 8), torch.tensor([3])).device.type == "cpu"
 
 
+def test_the_original_network_cannot_see_the_scale_of_x_t_and_input_skip_can():
+    torch.manual_seed(0)
+    x, t = torch.randn(2, 1, 16, 16), torch.tensor([10, 900])
+    original, skip = UNet(1, 1, width=8), UNet(1, 1, width=8, input_skip=True)
+    # bias-free conv -> GroupNorm(1) divides the scale out: eps(3 x_t) = eps(x_t), whatever the weights
+    torch.testing.assert_close(original(3 * x, t), original(x, t), atol=1e-4, rtol=1e-4)
+    assert (skip(3 * x, t) - skip(x, t)).abs().max() > 1e-2
+    assert set(skip.state_dict()) - set(original.state_dict()) == {"inc_skip.weight", "inc_skip.bias"}
+
+
 def test_attention_equals_multihead_attention_without_weights_matrix():
     torch.manual_seed(0)
     sa = SelfAttention(16)

@@ -71,6 +71,9 @@ def test_resume_refuses_changed_model_or_data(in_tmp, capsys):
         run_main(lambda: train(["--epochs", "2", "--resume", "--width", "16"]))
     assert e.value.code == 2
     assert "--width 16 (the run has 8)" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        run_main(lambda: train(["--epochs", "2", "--resume", "--no-input_skip"]))
+    assert "--input_skip False (the run has True)" in capsys.readouterr().err
     train(["--epochs", "2", "--resume", "--lr", "1e-4"])  # the optimisation may change
     assert weights(in_tmp, "resume.pt")["optimizer"]["param_groups"][0]["lr"] == pytest.approx(1e-4)
 

@@ -138,6 +138,14 @@ def test_the_originals_bare_checkpoint_loads(tmp_path):
     torch.testing.assert_close(model.outc.weight, original.outc.weight)
 
 
+def test_a_bare_checkpoint_with_input_skip_loads(tmp_path):
+    trained = UNet(c_in=1, c_out=1, width=8, input_skip=True)
+    torch.save(trained.state_dict(), tmp_path / "ckpt.pt")
+    model, _ = sample.load(tmp_path / "ckpt.pt", device="cpu", img_size=16)
+    x, t = torch.randn(2, 1, 16, 16), torch.tensor([3, 9])
+    torch.testing.assert_close(model(x, t), trained.eval()(x, t))
+
+
 class Payload:
     def __reduce__(self):
         return os.system, (f"touch {Payload.marker}",)

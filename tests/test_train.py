@@ -37,13 +37,21 @@ def test_training_writes_the_original_artefacts(in_tmp):
     ddpm.main([*TINY, "--limit", "64", "--batch_size", "16", "--epochs", "3", "--sample_every", "2",
                "--n_samples", "4", "--log_every", "2", "--run_name", "tiny"])
     assert sorted(p.name for p in (in_tmp / "results" / "tiny").iterdir()) == ["1.jpg", "2.jpg"]
-    model = UNet(c_in=1, c_out=1, width=8)
+    model = UNet(c_in=1, c_out=1, width=8, input_skip=True)
     model.load_state_dict(torch.load(in_tmp / "models" / "tiny" / "ckpt.pt", weights_only=True), strict=True)
     assert "state" in torch.load(in_tmp / "models" / "tiny" / "optim.pt", weights_only=True)
     events = EventAccumulator(str(in_tmp / "runs" / "tiny")).Reload()
     # 4 steps per epoch, logged every 2 steps at global step epoch * len(loader) + i
     assert [e.step for e in events.Scalars("MSE")] == [1, 3, 5, 7, 9, 11]
     assert len(events.Images("samples")) == 2
+
+
+def test_no_input_skip_trains_the_originals_exact_network(in_tmp):
+    ddpm.main([*TINY, "--limit", "16", "--batch_size", "16", "--epochs", "1", "--sample_every", "0",
+               "--no-input_skip", "--run_name", "plain"])
+    state = torch.load(in_tmp / "models" / "plain" / "ckpt.pt", weights_only=True)
+    UNet(c_in=1, c_out=1, width=8).load_state_dict(state, strict=True)
+    assert not any(k.startswith("inc_skip") for k in state)
 
 
 def test_training_on_a_folder_of_rgb_images(in_tmp):
