@@ -6,8 +6,9 @@
 
 It measures the machine's matmul peak (fp32 and bf16), the real training step (forward, loss,
 backward, AdamW, EMA) in images/s with its FLOPs counted by FlopCounterMode and the utilisation
-against the peak of the precision in use, the fast sampler's cost with and without guidance, and
-peak memory.
+against the peak of the precision in use, the share of the step's time and FLOPs that attention
+takes (torch.profiler; `--profile` prints the top operators), the fast sampler's cost with and
+without guidance, and peak memory.
 """
 import argparse
 import os
@@ -19,6 +20,7 @@ from pathlib import Path
 
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.profiler import ProfilerActivity, profile
 from torch.utils.data import DataLoader, TensorDataset
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -50,6 +52,25 @@ def matmul_peak(dtype: torch.dtype, device: torch.device, n: int, repeats: int =
     """FLOP/s of an n x n matmul in `dtype`."""
     a, b = (torch.randn(n, n, device=device).to(dtype) for _ in range(2))
     return 2 * n ** 3 / timed(lambda: a @ b, device, repeats)
+
+
+# Operators of the attention layers: the fused kernels, and the plain kernel's batched matmuls
+# and softmax (no other layer of the UNet uses bmm or softmax).
+ATTENTION_OPS = ("scaled_dot_product", "bmm", "softmax")
+
+
+def profiled(fn, device: torch.device, repeats: int = 3) -> tuple[float, str]:
+    """(share of the time spent in attention operators, table of the top operators) over `repeats` calls."""
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for _ in range(repeats):
+            fn()
+        sync(device)
+    time_of = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    events = prof.key_averages()
+    total = sum(getattr(e, time_of) for e in events)
+    attention = sum(getattr(e, time_of) for e in events if any(op in e.key for op in ATTENTION_OPS))
+    return attention / total, events.table(sort_by=time_of, row_limit=15)
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -90,6 +111,9 @@ def benchmark(args: argparse.Namespace) -> dict:
             os.chdir(cwd)
     images, labels = (t.to(device) for t in next(iter(trainer.loader)))
     step = timed(lambda: trainer.train_step(images, labels), device, args.repeats)
+    attention_time, top_ops = profiled(lambda: trainer.train_step(images, labels), device)
+    if args.profile:
+        print(top_ops)
 
     n = args.sample_n
     diffusion, model = trainer.diffusion, getattr(trainer, "ema_model", trainer.model)
@@ -112,6 +136,7 @@ def benchmark(args: argparse.Namespace) -> dict:
     with FlopCounterMode(display=False) as counter, sdpa_kernel(SDPBackend.MATH):
         trainer.train_step(images, labels)
     flops = counter.get_total_flops()
+    attention_flops = sum(v for op, v in counter.get_flop_counts()["Global"].items() if "bmm" in str(op))
 
     result = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
@@ -123,6 +148,8 @@ def benchmark(args: argparse.Namespace) -> dict:
         "train_gflop_per_step": flops / 1e9,
         "train_tflops": flops / step / 1e12,
         "utilisation": flops / step / peaks[precision],
+        "attention_time_share": attention_time,
+        "attention_flop_share": attention_flops / flops,
         "sampler": f"{kind['sampler']}-{steps}",
         "sample_s_per_step": {k: v / steps for k, v in sampling.items()},
         "sample_s_per_image": {k: v / n for k, v in sampling.items()},
@@ -142,6 +169,8 @@ def print_table(r: dict) -> None:
         ("training", f"{r['train_step_s']:.3f} s/step, {r['train_images_per_s']:.1f} images/s"),
         ("training FLOPs", f"{r['train_gflop_per_step']:.1f} GFLOP/step = {r['train_tflops']:.3f} TFLOP/s"),
         ("utilisation", f"{100 * r['utilisation']:.0f}% of the {r['precision']} matmul peak"),
+        ("attention", f"{100 * r['attention_time_share']:.0f}% of the step's time, "
+                      f"{100 * r['attention_flop_share']:.0f}% of its FLOPs"),
     ]
     for k in r["sample_s_per_step"]:
         rows.append((f"sampling {r['sampler']} ({k})", f"{1000 * r['sample_s_per_step'][k]:.1f} ms/step, "
@@ -153,8 +182,9 @@ def print_table(r: dict) -> None:
 
 
 README_START, README_END = "<!-- benchmark:start -->", "<!-- benchmark:end -->"
-README_HEADER = ["| device | configuration | training | utilisation | sampling (plain / guided) | peak memory |",
-                 "|---|---|---|---|---|---|"]
+README_HEADER = ["| device | configuration | training | utilisation | attention: time / FLOPs | "
+                 "sampling (plain / guided) | peak memory |",
+                 "|---|---|---|---|---|---|---|"]
 
 
 def readme_row(r: dict) -> str:
@@ -165,7 +195,8 @@ def readme_row(r: dict) -> str:
     peaks = ", ".join(f"{k} {v:.2f}" for k, v in r["peak_tflops"].items())
     return (f"| {r['device']} | {config} | {r['train_images_per_s']:.1f} img/s ({r['train_step_s']:.3f} s/step, "
             f"{r['train_gflop_per_step']:.1f} GFLOP) | {100 * r['utilisation']:.0f}% of {r['precision']} peak "
-            f"(peaks, TFLOP/s: {peaks}) | {sampling} s/image, {r['sampler']} | {r['peak_memory_mb']:.0f} MB |")
+            f"(peaks, TFLOP/s: {peaks}) | {100 * r['attention_time_share']:.0f}% / "
+            f"{100 * r['attention_flop_share']:.0f}% | {sampling} s/image, {r['sampler']} | {r['peak_memory_mb']:.0f} MB |")
 
 
 def update_readme(path: Path, r: dict) -> None:
@@ -198,6 +229,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--repeats", type=int, default=5, help="timed training steps (median)")
     p.add_argument("--sample_n", type=int, default=16, help="images per sampling measurement")
     p.add_argument("--matmul_size", type=int, default=4096)
+    p.add_argument("--profile", action="store_true", help="print torch.profiler's top operators of the training step")
     p.add_argument("--json", default=None, help="also write the results here")
     p.add_argument("--readme", default=None, help="put the result as a row of this README's benchmark table")
     args = p.parse_args(argv)

@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from modules import EMA, SelfAttention, UNet, UNet_conditional
+from modules import CPU_MATH_ATTENTION_TOKENS, EMA, SelfAttention, UNet, UNet_conditional
 
 # A copy of shared/reference/original_checkpoint_layout.json: the original's parameter names and shapes.
 LAYOUT = Path(__file__).parent / "data" / "original_checkpoint_layout.json"
@@ -60,16 +60,18 @@ def test_the_original_network_cannot_see_the_scale_of_x_t_and_input_skip_can():
     assert set(skip.state_dict()) - set(original.state_dict()) == {"inc_skip.weight", "inc_skip.bias"}
 
 
-def test_attention_equals_multihead_attention_without_weights_matrix():
+@pytest.mark.parametrize("side", [6, 12])  # 36 tokens: the plain CPU kernel; 144: the fused one
+def test_attention_equals_multihead_attention(side):
+    assert (side * side <= CPU_MATH_ATTENTION_TOKENS) == (side == 6)
     torch.manual_seed(0)
     sa = SelfAttention(16)
-    x = torch.randn(2, 16, 6, 6)
+    x = torch.randn(2, 16, side, side)
     tokens = x.flatten(2).transpose(1, 2)
     normed = sa.ln(tokens)
     reference, _ = sa.mha(normed, normed, normed)
     reference = reference + tokens
     reference = sa.ff_self(reference) + reference
-    reference = reference.transpose(1, 2).reshape(2, 16, 6, 6)
+    reference = reference.transpose(1, 2).reshape(2, 16, side, side)
     torch.testing.assert_close(sa(x), reference, atol=1e-5, rtol=1e-5)
 
 
