@@ -431,7 +431,7 @@ def lr_factor(step: int, args: argparse.Namespace, total_steps: int) -> float:
 # --------------------------------------------------------------------------- command line
 
 # Defaults that depend on the data. The embedded digits get a recipe that shows digits after
-# about 25 minutes on 2 CPU cores; a folder of images gets the original's landscape recipe.
+# about 23 minutes on 2 CPU cores; a folder of images gets the original's landscape recipe.
 RECIPES = {
     "digits": dict(image_size=16, width=32, batch_size=64, epochs=60, lr=2e-3, warmup=200, lr_schedule="cosine",
                    sample_every=20),

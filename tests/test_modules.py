@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from modules import CPU_MATH_ATTENTION_TOKENS, EMA, SelfAttention, UNet, UNet_conditional
+from modules import CPU_PLAIN_ATTENTION_TOKENS, EMA, SelfAttention, UNet, UNet_conditional
 
 # A copy of shared/reference/original_checkpoint_layout.json: the original's parameter names and shapes.
 LAYOUT = Path(__file__).parent / "data" / "original_checkpoint_layout.json"
@@ -62,7 +62,7 @@ def test_the_original_network_cannot_see_the_scale_of_x_t_and_input_skip_can():
 
 @pytest.mark.parametrize("side", [6, 12])  # 36 tokens: the plain CPU kernel; 144: the fused one
 def test_attention_equals_multihead_attention(side):
-    assert (side * side <= CPU_MATH_ATTENTION_TOKENS) == (side == 6)
+    assert (side * side <= CPU_PLAIN_ATTENTION_TOKENS) == (side == 6)
     torch.manual_seed(0)
     sa = SelfAttention(16)
     x = torch.randn(2, 16, side, side)
