@@ -26,7 +26,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import ddpm
 import ddpm_conditional
-from utils import UserError, atomic_write, autocast_dtype, pick_device, run_main, save_json
+from utils import autocast_dtype, pick_device, run_main, save_json, update_readme_block
 
 
 def sync(device: torch.device) -> None:
@@ -181,7 +181,6 @@ def print_table(r: dict) -> None:
         print(f"{k:<{width}}  {v}")
 
 
-README_START, README_END = "<!-- benchmark:start -->", "<!-- benchmark:end -->"
 README_HEADER = ["| device | configuration | training | utilisation | attention: time / FLOPs | "
                  "sampling (plain / guided) | peak memory |",
                  "|---|---|---|---|---|---|---|"]
@@ -201,18 +200,14 @@ def readme_row(r: dict) -> str:
 
 def update_readme(path: Path, r: dict) -> None:
     """Put this configuration's row in the README's benchmark table (replacing the same device + configuration)."""
-    text = path.read_text()
-    if README_START not in text or README_END not in text:
-        raise UserError(f"{path} has no '{README_START}' ... '{README_END}' block")
-    head, rest = text.split(README_START, 1)
-    body, tail = rest.split(README_END, 1)
-    key = lambda row: row.split(" | ")[:2]
-    rows = [line for line in body.strip().splitlines() if line.startswith("| ") and line not in README_HEADER]
     new = readme_row(r)
-    rows = [row for row in rows if key(row) != key(new)] + [new]
-    block = "\n".join([README_START, *README_HEADER, *rows, README_END])
-    atomic_write(path, lambda f: f.write((head + block + tail).encode()))
-    print(f"updated {path}")
+    key = lambda row: row.split(" | ")[:2]
+
+    def table(body: str) -> str:
+        rows = [line for line in body.strip().splitlines() if line.startswith("| ") and line not in README_HEADER]
+        return "\n".join([*README_HEADER, *(row for row in rows if key(row) != key(new)), new])
+
+    update_readme_block(path, "benchmark", table)
 
 
 def main(argv: list[str] | None = None) -> None:

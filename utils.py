@@ -289,6 +289,19 @@ def save_json(obj, path: str | Path) -> None:
     atomic_write(path, lambda f: f.write((json.dumps(obj, indent=2) + "\n").encode()))
 
 
+def update_readme_block(path: str | Path, name: str, new_body) -> None:
+    """Rewrite the text between `<!-- name:start -->` and `<!-- name:end -->` as new_body(old_body), atomically."""
+    path = Path(path)
+    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
+    text = path.read_text()
+    if start not in text or end not in text:
+        raise UserError(f"{path} has no '{start}' ... '{end}' block to fill")
+    head, rest = text.split(start, 1)
+    body, tail = rest.split(end, 1)
+    atomic_write(path, lambda f: f.write(f"{head}{start}\n{new_body(body)}\n{end}{tail}".encode()))
+    print(f"updated {path}")
+
+
 def load_checkpoint(path: str | Path, map_location="cpu"):
     """torch.load with weights_only=True: a checkpoint can hold tensors and plain data, never code."""
     path = Path(path)
