@@ -19,27 +19,38 @@ class Diffusion(ddpm.Diffusion):
     """The unconditional Diffusion whose noise prediction takes labels and classifier-free guidance."""
 
     def predict_noise(self, model: nn.Module, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor,
-                      cfg_scale: float = 3) -> torch.Tensor:
+                      cfg_scale: float = 3, guidance_interval: tuple[int, int] | None = None) -> torch.Tensor:
         """eps = lerp(eps_uncond, eps_cond, cfg_scale) = eps_uncond + cfg_scale * (eps_cond - eps_uncond).
 
         cfg_scale is the guidance paper's w + 1: 1 is plain conditional sampling, and a scale <= 0
         is treated as 1 (as the original does). Both halves come from ONE forward pass on a batch of 2n.
+        guidance_interval=(lo, hi) guides only at timesteps lo <= t <= hi and predicts plainly
+        conditionally elsewhere (Kynkaanniemi et al. 2024); None guides at every step, as the original.
         """
-        if cfg_scale <= 0 or cfg_scale == 1:
+        inside = torch.ones_like(t, dtype=torch.bool)
+        if guidance_interval is not None:
+            inside = (t >= guidance_interval[0]) & (t <= guidance_interval[1])
+        if cfg_scale <= 0 or cfg_scale == 1 or not inside.any():
             return model(x, t, labels)
         no_label = torch.full_like(labels, -1)
         eps_cond, eps_uncond = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([labels, no_label])).chunk(2)
-        return torch.lerp(eps_uncond.float(), eps_cond.float(), cfg_scale)
+        guided = torch.lerp(eps_uncond.float(), eps_cond.float(), cfg_scale)
+        return torch.where(inside[:, None, None, None], guided, eps_cond.float())
 
-    def sample(self, model: nn.Module, n: int, labels: torch.Tensor, cfg_scale: float = 3, **kwargs) -> torch.Tensor:
+    def sample(self, model: nn.Module, n: int, labels: torch.Tensor, cfg_scale: float = 3,
+               guidance_interval: tuple[int, int] | None = None, **kwargs) -> torch.Tensor:
         """n images of the classes `labels` (n of them); see ddpm.Diffusion.sample for the sampler options."""
+        if guidance_interval is not None and not 0 <= guidance_interval[0] <= guidance_interval[1] < self.noise_steps:
+            raise ValueError(f"guidance_interval must be (lo, hi) with 0 <= lo <= hi < {self.noise_steps}, "
+                             f"got {tuple(guidance_interval)}")
         num_classes = getattr(model, "module", model).num_classes
         labels = torch.as_tensor(labels, dtype=torch.long, device=next(model.parameters()).device).reshape(-1)
         if labels.numel() != n:
             raise ValueError(f"got {labels.numel()} labels for n={n} images: give one label per image")
         if labels.numel() and (labels.min() < 0 or labels.max() >= num_classes):
             raise ValueError(f"labels must be in [0, {num_classes}) for this model, got {labels.tolist()}")
-        return super().sample(model, n, labels=labels, cfg_scale=cfg_scale, **kwargs)
+        return super().sample(model, n, labels=labels, cfg_scale=cfg_scale, guidance_interval=guidance_interval,
+                              **kwargs)
 
 
 class Trainer(ddpm.Trainer):

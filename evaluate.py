@@ -8,6 +8,8 @@
 The judge is a small CNN trained on the run's training images (cached in the run folder). Its
 penultimate features stand in for Inception's: Frechet distance and KID are computed in them,
 against held-out real images, beside the real-vs-real floor (held-out vs training images).
+`--exact` also scores the exact denoiser of the training set at every setting: what the sampler
+and guidance cost a model without error.
 """
 import argparse
 import json
@@ -188,10 +190,45 @@ def class_entropy(predicted: torch.Tensor, num_classes: int) -> float:
     return float(-(p[p > 0] * p[p > 0].log()).sum() / math.log(num_classes))
 
 
+# --------------------------------------------------------------------------- the exact denoiser
+
+class ExactDenoiser(nn.Module):
+    """The noise prediction that is exact when the training images are the whole distribution.
+
+    Then E[x_0 | x_t] is a mean of the training images x_i weighted by N(x_t; sqrt(alpha_hat_t) x_i,
+    (1 - alpha_hat_t) I) (only those of class y when a label is given), and
+    eps*(x_t, t) = (x_t - sqrt(alpha_hat_t) E[x_0 | x_t]) / sqrt(1 - alpha_hat_t).
+    Sampling with it ends on training images (the memorisation check flags it), so its FD is what
+    the sampler and guidance alone cost: the best any model can score at the same setting.
+    Each call compares every image with every training image (float64): fine for the digits,
+    slow for a folder of tens of thousands.
+    """
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor | None, diffusion, num_classes: int | None = None):
+        super().__init__()
+        # The training images are its parameters (the samplers read the device off them).
+        self.x0 = nn.Parameter(images.flatten(1).double() / 127.5 - 1, requires_grad=False)
+        self.register_buffer("labels", labels)
+        self.register_buffer("alpha_hat", diffusion.alpha_hat.double().cpu())
+        if num_classes is not None:
+            self.num_classes = num_classes  # read by the conditional sampler
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        alpha_hat = self.alpha_hat[t][:, None]
+        x_t = x.flatten(1).double()
+        # log N(x_t; sqrt(alpha_hat) x_i, (1 - alpha_hat) I) up to terms that do not depend on i
+        logits = (alpha_hat.sqrt() * x_t @ self.x0.T - 0.5 * alpha_hat * self.x0.square().sum(1)) / (1 - alpha_hat)
+        if y is not None:  # label -1: unconditional, every image
+            logits = logits.masked_fill((y[:, None] >= 0) & (self.labels[None] != y[:, None]), -math.inf)
+        x0 = torch.softmax(logits, dim=1) @ self.x0
+        return ((x_t - alpha_hat.sqrt() * x0) / (1 - alpha_hat).sqrt()).to(x.dtype).view_as(x)
+
+
 # --------------------------------------------------------------------------- evaluation
 
 def generate(model, diffusion, n: int, labels: torch.Tensor | None, cfg_scale: float, sampler: str,
-             steps: int | None, precision: str = "auto", batch: int = 250) -> tuple[torch.Tensor, float]:
+             steps: int | None, precision: str = "auto", guidance_interval: tuple[int, int] | None = None,
+             batch: int = 250) -> tuple[torch.Tensor, float]:
     """n samples (on the CPU) and the seconds per image it took."""
     device = next(model.parameters()).device
     dtype = autocast_dtype(precision, device)
@@ -202,8 +239,8 @@ def generate(model, diffusion, n: int, labels: torch.Tensor | None, cfg_scale: f
             if labels is None:
                 x = diffusion.sample(model, k, sampler=sampler, steps=steps, progress=False)
             else:
-                x = diffusion.sample(model, k, labels[i:i + k], cfg_scale, sampler=sampler, steps=steps,
-                                     progress=False)
+                x = diffusion.sample(model, k, labels[i:i + k], cfg_scale, guidance_interval, sampler=sampler,
+                                     steps=steps, progress=False)
         out.append(x.cpu())
     return torch.cat(out), (time.perf_counter() - start) / n
 
@@ -221,7 +258,12 @@ def score(samples: torch.Tensor, labels: torch.Tensor | None, judge: Judge, real
 
 
 def setting_name(s: dict) -> str:
-    return f"{s['sampler']}-{s['steps'] or 'all'} cfg {s['cfg_scale']:g}"
+    name = f"{s['sampler']}-{s['steps'] or 'all'}"
+    if s["cfg_scale"] is not None:
+        name += f" cfg {s['cfg_scale']:g}"
+    if s.get("guidance_interval"):
+        name += " t {}-{}".format(*s["guidance_interval"])
+    return name + (" exact" if s.get("denoiser") == "exact" else "")
 
 
 def evaluate(args: argparse.Namespace) -> dict:
@@ -232,6 +274,9 @@ def evaluate(args: argparse.Namespace) -> dict:
     config = json.loads(config_path.read_text())
     model, diffusion = load(run_dir, device=args.device)
     conditional = hasattr(model, "num_classes")
+    lo, hi = args.guidance_interval or (0, 0)
+    if not 0 <= lo <= hi < diffusion.noise_steps:
+        raise UserError(f"--guidance_interval {lo} {hi}: need 0 <= LO <= HI < {diffusion.noise_steps} (timesteps)")
 
     x_train, y_train, x_held, y_held, classes = real_images(config)
     if len(classes) < 2:
@@ -244,23 +289,33 @@ def evaluate(args: argparse.Namespace) -> dict:
     floor = {"fd": frechet_distance(train_feats, held_feats), "kid": kernel_inception_distance(train_feats, held_feats)}
 
     steps = full_chain(args.steps, args.sampler, diffusion)
-    settings = [dict(sampler=args.sampler, steps=steps, cfg_scale=args.cfg_scale)]
+    cfg_scale = args.cfg_scale if conditional else None  # guidance needs labels
+    interval = args.guidance_interval if conditional else None
+    settings = [dict(sampler=args.sampler, steps=steps, cfg_scale=cfg_scale)]
     if args.sweep in ("cfg", "all") and conditional:
         settings += [dict(sampler=args.sampler, steps=steps, cfg_scale=float(c)) for c in CFG_SWEEP]
     if args.sweep in ("steps", "all"):
-        settings += [dict(sampler=s, steps=k, cfg_scale=args.cfg_scale) for s, k in STEPS_SWEEP]
+        settings += [dict(sampler=s, steps=k, cfg_scale=cfg_scale) for s, k in STEPS_SWEEP]
+    settings = [{**s, "guidance_interval": interval} for s in settings]
     unique = list({setting_name(s): s for s in settings}.values())
 
     labels = torch.arange(model.num_classes).repeat(math.ceil(args.n / model.num_classes))[:args.n] if conditional else None
+    denoisers = {"model": model}
+    if args.exact:
+        device = next(model.parameters()).device
+        exact = ExactDenoiser(x_train, y_train if conditional else None, diffusion, getattr(model, "num_classes", None))
+        denoisers["exact"] = exact.to("cpu" if device.type == "mps" else device)  # MPS has no float64
     results, grids = [], {}
-    for s in unique:
-        seed_everything(args.seed)
-        samples, seconds = generate(model, diffusion, args.n, labels, s["cfg_scale"], s["sampler"], s["steps"],
-                                    args.precision)
-        results.append({**s, **score(samples, labels, judge, real, len(classes)), "seconds_per_image": seconds})
-        per_row = model.num_classes if conditional else 10
-        grids[setting_name(s)] = samples[:min(10, len(samples) // per_row) * per_row]
-        print(format_row(results[-1], conditional), flush=True)
+    for denoiser, net in denoisers.items():
+        for s in unique:
+            s = {**s, "denoiser": denoiser}
+            seed_everything(args.seed)
+            samples, seconds = generate(net, diffusion, args.n, labels, s["cfg_scale"], s["sampler"], s["steps"],
+                                        args.precision, s["guidance_interval"])
+            results.append({**s, **score(samples, labels, judge, real, len(classes)), "seconds_per_image": seconds})
+            per_row = model.num_classes if conditional else 10
+            grids[setting_name(s)] = samples[:min(10, len(samples) // per_row) * per_row]
+            print(format_row(results[-1], conditional), flush=True)
 
     report = {"run": str(run_dir), "n": args.n, "judge_accuracy_held_out": judge_accuracy, "floor": floor,
               "results": results, "inception_fid": inception_fid(args, model, diffusion, labels, x_held)}
@@ -300,7 +355,7 @@ def inception_fid(args, model, diffusion, labels, x_held) -> str | float:
     rgb = lambda x: x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x[:, :3]
     seed_everything(args.seed)
     samples, _ = generate(model, diffusion, args.n, labels, args.cfg_scale, args.sampler,
-                          full_chain(args.steps, args.sampler, diffusion), args.precision)
+                          full_chain(args.steps, args.sampler, diffusion), args.precision, args.guidance_interval)
     fid.update(rgb(x_held), real=True)
     fid.update(rgb(samples), real=False)
     return float(fid.compute())
@@ -327,27 +382,32 @@ def plot_sweeps(report: dict, grids: dict, conditional: bool, model, out_dir: Pa
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    results = report["results"]
-    main = results[0]
+    main = report["results"][0]
     metric = "accuracy" if conditional else "class_entropy"
-    cfg_rows = sorted((r for r in results if r["sampler"] == main["sampler"] and r["steps"] == main["steps"]),
-                      key=lambda r: r["cfg_scale"])
-    step_rows = [r for r in results if r["cfg_scale"] == main["cfg_scale"]]
-    if conditional and len(cfg_rows) >= 2:
+
+    def cfg_rows(denoiser: str) -> list[dict]:
+        return sorted((r for r in report["results"] if r["denoiser"] == denoiser and r["sampler"] == main["sampler"]
+                       and r["steps"] == main["steps"]), key=lambda r: r["cfg_scale"])
+
+    step_rows = [r for r in report["results"] if r["denoiser"] == "model" and r["cfg_scale"] == main["cfg_scale"]]
+    if conditional and len(cfg_rows("model")) >= 2:
         fig, axes = plt.subplots(1, 3, figsize=(13, 3.5))
         for ax, key in zip(axes, (metric, "fd", "kid")):
-            ax.plot([r["cfg_scale"] for r in cfg_rows], [r[key] for r in cfg_rows], "o-")
+            for denoiser, label in (("model", "model"), ("exact", "exact denoiser")):
+                if cfg_rows(denoiser):
+                    ax.plot([r["cfg_scale"] for r in cfg_rows(denoiser)], [r[key] for r in cfg_rows(denoiser)], "o-",
+                            label=label)
             if key != metric:
                 ax.axhline(report["floor"][key], color="gray", ls="--", label="real vs real")
-                ax.legend()
+            ax.legend()
             ax.set_xlabel("cfg_scale")
             ax.set_title(key)
-        fig.suptitle(f"guidance sweep ({main['sampler']}-{main['steps'] or 'all'}, n={report['n']})")
+        fig.suptitle(f"guidance sweep ({setting_name({**main, 'cfg_scale': None})}, n={report['n']})")
         fig.tight_layout()
         fig.savefig(out_dir / "sweep_cfg.png", dpi=100)
         plt.close(fig)
-        side_by_side([(f"cfg {r['cfg_scale']:g}", grids[setting_name(r)]) for r in cfg_rows], model, conditional,
-                     out_dir / "sweep_cfg_grids.png")
+        side_by_side([(f"cfg {r['cfg_scale']:g}", grids[setting_name(r)]) for r in cfg_rows("model")], model,
+                     conditional, out_dir / "sweep_cfg_grids.png")
     if len(step_rows) >= 2:
         fig, axes = plt.subplots(1, 3, figsize=(13, 3.5))
         for ax, key in zip(axes, (metric, "fd", "kid")):
@@ -360,7 +420,8 @@ def plot_sweeps(report: dict, grids: dict, conditional: bool, model, out_dir: Pa
             ax.set_xlabel("sampler steps")
             ax.set_title(key)
             ax.legend()
-        fig.suptitle(f"sampler sweep (cfg {main['cfg_scale']:g}, n={report['n']})")
+        guidance = f"cfg {main['cfg_scale']:g}" if conditional else "unconditional"
+        fig.suptitle(f"sampler sweep ({guidance}, n={report['n']})")
         fig.tight_layout()
         fig.savefig(out_dir / "sweep_steps.png", dpi=100)
         plt.close(fig)
@@ -391,15 +452,22 @@ def write_readme(readme: Path, report: dict, conditional: bool, out_dir: Path) -
     figures = [f for f in ("eval_samples.png", "sweep_cfg.png", "sweep_steps.png", "sweep_steps_grids.png")
                if (out_dir / f).is_file()]
     head = "accuracy" if conditional else "class entropy"
+    exact = any(r["denoiser"] == "exact" for r in report["results"])
+    interval = report["results"][0]["guidance_interval"]
+    flags = (f"--guidance_interval {interval[0]} {interval[1]} " if interval else "") + ("--exact " if exact else "")
     lines = ["", f"Generated by `python evaluate.py --run {report['run']} --n {report['n']} --sweep all "
-             f"--readme README.md` ({report['n']} samples per setting).", "",
+             f"{flags}--readme README.md` ({report['n']} samples per setting).", "",
              f"Judge accuracy on the 500 held-out real digits: **{100 * report['judge_accuracy_held_out']:.1f}%**. "
              f"Real-vs-real floor (held-out vs training images): FD {report['floor']['fd']:.2f}, "
              f"KID {report['floor']['kid']:.4f}.", "",
              f"| sampler | cfg | {head} | FD | KID | NN ratio | s/image |", "|---|---|---|---|---|---|---|"]
     for r in report["results"]:
         first = f"{100 * r['accuracy']:.1f}%" if conditional else f"{r['class_entropy']:.3f}"
-        lines.append(f"| {r['sampler']}-{r['steps'] or 999} | {r['cfg_scale']:g} | {first} | {r['fd']:.2f} | "
+        sampler = f"{r['sampler']}-{r['steps'] or 999}{' (exact denoiser)' if r['denoiser'] == 'exact' else ''}"
+        cfg = "-" if r["cfg_scale"] is None else f"{r['cfg_scale']:g}"
+        if r["guidance_interval"]:
+            cfg += " (t {}-{})".format(*r["guidance_interval"])
+        lines.append(f"| {sampler} | {cfg} | {first} | {r['fd']:.2f} | "
                      f"{r['kid']:.4f} | {r['nn_ratio']:.2f} | {r['seconds_per_image']:.3f} |")
     lines.append("")
     lines += [f"![{f}](assets/{f})" for f in figures]
@@ -419,8 +487,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sampler", choices=["ddpm", "ddim"], default="ddim", help="sampler of the main setting")
     p.add_argument("--steps", type=int, default=50, help="sampler steps of the main setting; 0 = every step")
     p.add_argument("--cfg_scale", type=float, default=3.0, help="guidance scale of the main setting")
+    p.add_argument("--guidance_interval", type=int, nargs=2, default=None, metavar=("LO", "HI"),
+                   help="guide only at timesteps LO..HI, plain conditional elsewhere (default: every step)")
     p.add_argument("--sweep", choices=["none", "cfg", "steps", "all"], default="none",
                    help="cfg: guidance scales 0..7; steps: DDIM and DDPM at 10..100 steps and DDPM-999")
+    p.add_argument("--exact", action="store_true",
+                   help="also score the exact denoiser of the training set at every setting (a model without error)")
     p.add_argument("--inception_weights", default=None, help="a local Inception v3 weights file for standard FID")
     p.add_argument("--readme", default=None, help="rewrite this README's Results block with the report")
     p.add_argument("--seed", type=int, default=0, help="random seed of every setting")

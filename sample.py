@@ -92,6 +92,8 @@ def main(argv: list[str] | None = None) -> None:
                    help="conditional runs: one grid row per label (default: every class)")
     p.add_argument("--n", type=int, default=8, help="images per label (unconditional: images in all)")
     p.add_argument("--cfg_scale", type=float, default=3.0, help="guidance scale (1 = none)")
+    p.add_argument("--guidance_interval", type=int, nargs=2, default=None, metavar=("LO", "HI"),
+                   help="guide only at timesteps LO..HI, plain conditional elsewhere (default: every step)")
     p.add_argument("--sampler", choices=["ddpm", "ddim"], default="ddim", help="ddim: Song et al. (eta 0: deterministic); ddpm: ancestral")
     p.add_argument("--steps", type=int, default=50, help="sampler steps; 0 = every step (the original's chain)")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM noise: 0 deterministic, 1 like DDPM")
@@ -116,7 +118,8 @@ def main(argv: list[str] | None = None) -> None:
             classes = list(range(model.num_classes)) if args.labels is None else args.labels
             labels = torch.tensor(classes).repeat_interleave(args.n)
             try:
-                images = diffusion.sample(model, len(labels), labels, args.cfg_scale, **kwargs)
+                images = diffusion.sample(model, len(labels), labels, args.cfg_scale, args.guidance_interval,
+                                          **kwargs)
             except ValueError as e:
                 raise UserError(str(e))
             nrow = args.n

@@ -69,6 +69,31 @@ def test_one_forward_pass_per_step(cfg_scale, batch):
     assert model.batch_sizes == [batch] * 6
 
 
+def test_guidance_interval_guides_inside_and_predicts_conditionally_outside():
+    model, d = tiny_model(), Diffusion(noise_steps=100, img_size=8, c_in=1)
+    x, t, y = torch.randn(4, 1, 8, 8), torch.tensor([10, 40, 70, 99]), torch.tensor([0, 1, 2, 1])
+    with torch.no_grad():
+        cond, guided = model(x, t, y), d.predict_noise(model, x, t, y, 3.0)
+        got = d.predict_noise(model, x, t, y, 3.0, guidance_interval=(40, 70))
+    torch.testing.assert_close(got[1:3], guided[1:3])
+    torch.testing.assert_close(got[[0, 3]], cond[[0, 3]])
+
+
+def test_guidance_interval_in_sampling():
+    model, d = CountingModel(tiny_model()), Diffusion(noise_steps=100, img_size=8, c_in=1)
+    y, x_T = torch.tensor([2, 0]), torch.randn(2, 1, 8, 8)
+    sample = lambda **kw: d.sample(model, 2, y, cfg_scale=3, sampler="ddim", steps=6, noise=x_T, progress=False, **kw)
+    everywhere = sample()
+    assert torch.equal(sample(guidance_interval=(0, 99)), everywhere)  # the whole chain: the original's guidance
+    model.batch_sizes.clear()
+    partly = sample(guidance_interval=(50, 99))
+    # steps 99, 79, 60 are guided (2n), 40, 21, 1 are not (n): guidance costs nothing outside the interval
+    assert model.batch_sizes == [4, 4, 4, 2, 2, 2]
+    assert not torch.equal(partly, everywhere)
+    with pytest.raises(ValueError, match="guidance_interval"):
+        sample(guidance_interval=(50, 100))
+
+
 def test_labels_are_checked():
     model, d = tiny_model(), Diffusion(noise_steps=10, img_size=8, c_in=1)
     with pytest.raises(ValueError, match=r"labels must be in \[0, 3\)"):

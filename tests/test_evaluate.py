@@ -3,9 +3,10 @@ import json
 import pytest
 import torch
 
+import ddpm
 import ddpm_conditional
 import evaluate
-from utils import load_digits
+from utils import UserError, load_digits
 
 
 def test_frechet_distance_of_gaussians_matches_closed_form():
@@ -62,6 +63,24 @@ def test_class_entropy():
     assert evaluate.class_entropy(torch.zeros(50, dtype=torch.long), 10) == 0.0
 
 
+def test_exact_denoiser_recovers_the_noise_and_its_samples_are_training_images():
+    images = torch.randint(0, 256, (6, 1, 8, 8), generator=torch.Generator().manual_seed(0)).to(torch.uint8)
+    labels = torch.tensor([0, 0, 0, 0, 0, 1])  # class 1 is a single image
+    diffusion = ddpm_conditional.Diffusion(img_size=8, c_in=1)
+    exact = evaluate.ExactDenoiser(images, labels, diffusion, num_classes=2)
+    t = torch.tensor([500, 900])
+    x_t, eps = diffusion.noise_images(images[5:].float().expand(2, -1, -1, -1) / 127.5 - 1, t)
+    # Given its class, the posterior of x_0 is that one image: the noise is recovered exactly.
+    assert torch.allclose(exact(x_t, t, torch.tensor([1, 1])), eps, atol=1e-4)
+    assert not torch.allclose(exact(x_t, t, torch.tensor([-1, -1]))[1], eps[1], atol=1e-2)  # all 6 images at t=900
+
+    samples = diffusion.sample(exact, 6, labels=torch.tensor([0, 0, 0, 1, 1, 1]), cfg_scale=3, sampler="ddim",
+                               steps=20, progress=False)
+    distances = torch.cdist(samples.flatten(1).float(), images.flatten(1).float())
+    assert distances.min(1).values.max() < 20  # each sample is a training image, up to uint8 rounding
+    assert (labels[distances.argmin(1)] == torch.tensor([0, 0, 0, 1, 1, 1])).all()  # of the asked class
+
+
 def test_evaluate_end_to_end_writes_report_plots_and_readme(in_tmp, monkeypatch):
     monkeypatch.setattr(evaluate, "CFG_SWEEP", [1, 3])
     monkeypatch.setattr(evaluate, "STEPS_SWEEP", [("ddim", 5), ("ddpm", 5), ("ddpm", None)])
@@ -71,16 +90,41 @@ def test_evaluate_end_to_end_writes_report_plots_and_readme(in_tmp, monkeypatch)
     readme.write_text("# x\n<!-- results:start -->\nold\n<!-- results:end -->\ntail\n")
     report = evaluate.evaluate(evaluate.build_parser().parse_args(
         ["--run", "models/DDPM_conditional", "--n", "20", "--steps", "5", "--sweep", "all", "--readme", str(readme),
-         "--judge_epochs", "1"]))
+         "--judge_epochs", "1", "--exact"]))
     saved = json.loads((in_tmp / "results" / "DDPM_conditional" / "eval.json").read_text())
     assert saved["results"][0]["accuracy"] == report["results"][0]["accuracy"]
     names = [evaluate.setting_name(r) for r in saved["results"]]
-    assert names == ["ddim-5 cfg 3", "ddim-5 cfg 1", "ddpm-5 cfg 3", "ddpm-all cfg 3"]
+    assert names == ["ddim-5 cfg 3", "ddim-5 cfg 1", "ddpm-5 cfg 3", "ddpm-all cfg 3",
+                     "ddim-5 cfg 3 exact", "ddim-5 cfg 1 exact", "ddpm-5 cfg 3 exact", "ddpm-all cfg 3 exact"]
+    # The exact denoiser reproduces training images, and the memorisation check sees it.
+    assert all(r["memorising"] for r in saved["results"][4:])
     assert {"fd", "kid", "nn_ratio", "memorising", "seconds_per_image"} <= set(saved["results"][0])
     assert "off" in saved["inception_fid"]
     for f in ("sweep_cfg.png", "sweep_steps.png", "sweep_steps_grids.png", "eval_samples.png"):
         assert (in_tmp / "results" / "DDPM_conditional" / f).is_file()
     text = readme.read_text()
     assert "old" not in text and text.endswith("<!-- results:end -->\ntail\n") and "| ddim-5 | 3 |" in text
+    assert "| ddim-5 (exact denoiser) | 3 |" in text and "--exact" in text
     assert (in_tmp / "assets" / "sweep_cfg.png").is_file()
     assert (in_tmp / "models" / "DDPM_conditional" / "judge.pt").is_file()  # cached for the next call
+
+    args = ["--run", "models/DDPM_conditional", "--n", "20", "--steps", "5", "--judge_epochs", "1"]
+    interval = evaluate.evaluate(evaluate.build_parser().parse_args(args + ["--guidance_interval", "10", "19"]))
+    assert evaluate.setting_name(interval["results"][0]) == "ddim-5 cfg 3 t 10-19"
+    with pytest.raises(UserError, match="guidance_interval"):
+        evaluate.evaluate(evaluate.build_parser().parse_args(args + ["--guidance_interval", "10", "20"]))
+
+
+def test_evaluate_unconditional_run_has_no_guidance_and_reports_class_entropy(in_tmp, monkeypatch):
+    monkeypatch.setattr(evaluate, "STEPS_SWEEP", [("ddim", 5), ("ddpm", 5)])
+    ddpm.main(["--width", "8", "--image_size", "16", "--noise_steps", "20", "--limit", "64", "--epochs", "1",
+               "--sample_every", "0", "--precision", "fp32"])
+    readme = in_tmp / "README.md"
+    readme.write_text("<!-- results:start -->\n<!-- results:end -->\n")
+    report = evaluate.evaluate(evaluate.build_parser().parse_args(
+        ["--run", "models/DDPM_Unconditional", "--n", "20", "--steps", "5", "--sweep", "all", "--readme", str(readme),
+         "--judge_epochs", "1"]))
+    assert [evaluate.setting_name(r) for r in report["results"]] == ["ddim-5", "ddpm-5"]
+    assert all(r["cfg_scale"] is None and 0 <= r["class_entropy"] <= 1 for r in report["results"])
+    assert "| ddim-5 | - |" in readme.read_text()
+    assert (in_tmp / "results" / "DDPM_Unconditional" / "sweep_steps.png").is_file()

@@ -174,6 +174,19 @@ def test_sample_command_writes_grid_and_images(tmp_path, capsys):
     assert "rows: c, a" in capsys.readouterr().out
 
 
+def test_sample_command_guidance_interval(tmp_path):
+    make_run(tmp_path / "run")
+    run = lambda name, *flags: sample.main(["--run", str(tmp_path / "run"), "--n", "2", "--steps", "4",
+                                            "--out", str(tmp_path / name), *flags])
+    run("all.png")
+    run("all_again.png", "--guidance_interval", "0", "19")
+    run("high.png", "--guidance_interval", "10", "19")
+    assert (tmp_path / "all.png").read_bytes() == (tmp_path / "all_again.png").read_bytes()
+    assert (tmp_path / "all.png").read_bytes() != (tmp_path / "high.png").read_bytes()
+    with pytest.raises(UserError, match="guidance_interval"):
+        run("bad.png", "--guidance_interval", "10", "20")
+
+
 def test_sample_command_same_seed_same_file(tmp_path):
     make_run(tmp_path / "run", conditional=False)
     for name in ("a.png", "b.png"):
