@@ -89,7 +89,8 @@ class Trainer(ddpm.Trainer):
         a = self.args
         labels = torch.arange(a.num_classes, device=self.device).repeat_interleave(a.n_samples)
         with self.autocast():
-            return {suffix: self.diffusion.sample(model, len(labels), labels, a.cfg_scale, **self.grid_sampler())
+            return {suffix: self.diffusion.sample(model, len(labels), labels, a.cfg_scale, a.guidance_interval,
+                                                  **self.grid_sampler())
                     for suffix, model in (("", self.model), ("_ema", self.ema_model))}
 
     def grid_nrow(self, images: torch.Tensor) -> int:
@@ -117,6 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(n_samples=8)
     p.add_argument("--num_classes", type=int, default=None, help="number of classes (default: from the data)")
     p.add_argument("--cfg_scale", type=float, default=3.0, help="guidance scale of the sample grids (1 = none)")
+    p.add_argument("--guidance_interval", type=int, nargs=2, default=None, metavar=("LO", "HI"),
+                   help="the grids guide only at timesteps LO..HI (default: every step)")
     p.add_argument("--label_drop", type=float, default=0.1, help="probability that a sample's label is dropped")
     p.add_argument("--ema_beta", type=float, default=0.995, help="EMA decay per step")
     p.add_argument("--ema_start", type=int, default=2000, help="steps during which the EMA only copies the model")
@@ -129,6 +132,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         raise UserError(f"--label_drop must be in [0, 1), got {args.label_drop}")
     if not 0 <= args.ema_beta < 1:
         raise UserError(f"--ema_beta must be in [0, 1), got {args.ema_beta}")
+    lo, hi = args.guidance_interval or (0, 0)
+    if not 0 <= lo <= hi < args.noise_steps:
+        raise UserError(f"--guidance_interval {lo} {hi}: need 0 <= LO <= HI < {args.noise_steps} (timesteps)")
     return args
 
 

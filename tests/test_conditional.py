@@ -155,3 +155,16 @@ def test_grid_has_a_row_per_class_for_ten_classes(in_tmp):
     assert grids["_ema"].shape == (20, 1, 16, 16)
     trainer.fit()
     assert grid_size(in_tmp / "results" / "DDPM_conditional" / "0_ema.jpg") == (2 * 18 + 2, 10 * 18 + 2)
+
+
+def test_grids_can_guide_in_an_interval(in_tmp):
+    args = [*TINY, "--limit", "32", "--n_samples", "2", "--epochs", "1"]
+    everywhere = ddpm_conditional.Trainer(ddpm_conditional.parse_args(args))
+    torch.manual_seed(0)
+    reference = everywhere.sample_grids()["_ema"]
+    interval = ddpm_conditional.Trainer(ddpm_conditional.parse_args([*args, "--guidance_interval", "50", "99"]))
+    interval.ema_model.load_state_dict(everywhere.ema_model.state_dict())
+    torch.manual_seed(0)
+    assert not torch.equal(interval.sample_grids()["_ema"], reference)
+    with pytest.raises(UserError, match="guidance_interval"):
+        ddpm_conditional.parse_args([*args, "--guidance_interval", "50", "100"])
