@@ -145,7 +145,8 @@ class Diffusion:
 
         Only the first step of a cosine-schedule chain is such a step: alpha_hat at T-1 is about 1e-9
         there, and unclipped it multiplies the model's error 632-fold in DDIM-50. Clipping every step
-        (as Nichol & Dhariwal do) costs FD on the linear schedule, whose steps never qualify.
+        (as Nichol & Dhariwal do) costs FD on the linear schedule, whose chains of 10 or more steps
+        never qualify.
         """
         alpha_hat = self.alpha_hat[i]
         if (self.alpha_hat[j] / alpha_hat).sqrt() <= 10:
