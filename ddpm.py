@@ -123,11 +123,15 @@ class Diffusion:
         else:
             beta = self.respaced_betas(torch.cat([torch.zeros(1, dtype=torch.long), kept.flip(0)]))[1:].flip(0)
         previous = torch.cat([kept[1:], torch.zeros(1, dtype=torch.long)])
+        clip = self.clipped_steps(kept)
         x = torch.randn((n, self.c_in, self.img_size, self.img_size), device=device) if noise is None else noise.to(device)
         for k in tqdm(range(len(kept)), desc=f"sampling ({sampler})", leave=False, disable=not progress):
             i, j = kept[k].item(), previous[k].item()
             t = torch.full((n,), i, dtype=torch.long, device=device)
-            eps = self.tamed(x, self.predict_noise(model, x, t, **cond).float(), i, j)
+            eps = self.predict_noise(model, x, t, **cond).float()
+            if clip[k]:  # x0 clipped to the data range, eps re-derived from it
+                x0 = self.predict_x0(x, eps, i).clamp(-1, 1)
+                eps = (x - self.alpha_hat[i].sqrt() * x0) / (1 - self.alpha_hat[i]).sqrt()
             last = j == 0
             if sampler == "ddpm":
                 x = self.ddpm_step(x, eps, i, beta[k], last)
@@ -139,20 +143,21 @@ class Diffusion:
         x = (x.clamp(-1, 1) + 1) / 2
         return (x * 255).type(torch.uint8)
 
-    def tamed(self, x: torch.Tensor, eps: torch.Tensor, i: int, j: int) -> torch.Tensor:
-        """eps, re-derived from an x0 prediction clipped to [-1, 1] on a step that would multiply its error more
-        than 10-fold (sqrt(alpha_hat_j / alpha_hat_i) > 10).
+    def clipped_steps(self, kept: torch.Tensor) -> list[bool]:
+        """For each step s_k -> s_{k-1} of a chain: does it clip the x0 prediction to [-1, 1] (and re-derive eps)?
 
+        Those that would multiply its error more than 10-fold, sqrt(alpha_hat[s_{k-1}] / alpha_hat[s_k]) > 10.
         Only the first step of a cosine-schedule chain is such a step: alpha_hat at T-1 is about 1e-9
         there, and unclipped it multiplies the model's error 632-fold in DDIM-50. Clipping every step
         (as Nichol & Dhariwal do) costs FD on the linear schedule, whose chains of 10 or more steps
         never qualify.
         """
-        alpha_hat = self.alpha_hat[i]
-        if (self.alpha_hat[j] / alpha_hat).sqrt() <= 10:
-            return eps
-        x0 = ((x - (1 - alpha_hat).sqrt() * eps) / alpha_hat.sqrt()).clamp(-1, 1)
-        return (x - alpha_hat.sqrt() * x0) / (1 - alpha_hat).sqrt()
+        alpha_hat = self.alpha_hat[torch.cat([kept, kept.new_zeros(1)]).to(self.alpha_hat.device)]
+        return ((alpha_hat[1:] / alpha_hat[:-1]).sqrt() > 10).tolist()
+
+    def predict_x0(self, x: torch.Tensor, eps: torch.Tensor, i: int) -> torch.Tensor:
+        """x0 = (x_t - sqrt(1 - alpha_hat_t) eps) / sqrt(alpha_hat_t): eq. 4 solved for x_0."""
+        return (x - (1 - self.alpha_hat[i]).sqrt() * eps) / self.alpha_hat[i].sqrt()
 
     def ddpm_step(self, x: torch.Tensor, eps: torch.Tensor, i: int, beta: torch.Tensor, last: bool) -> torch.Tensor:
         """x_{t-1} = 1/sqrt(alpha_t) (x_t - (1 - alpha_t)/sqrt(1 - alpha_hat_t) eps) + sqrt(beta_t) z   (Algorithm 2)."""
@@ -163,7 +168,7 @@ class Diffusion:
     def ddim_step(self, x: torch.Tensor, eps: torch.Tensor, i: int, j: int, eta: float, last: bool) -> torch.Tensor:
         """x_s = sqrt(alpha_hat_s) x0_pred + sqrt(1 - alpha_hat_s - sigma^2) eps + sigma z   (DDIM, eq. 12)."""
         alpha_hat, alpha_hat_prev = self.alpha_hat[i], self.alpha_hat[j]
-        x0 = (x - (1 - alpha_hat).sqrt() * eps) / alpha_hat.sqrt()
+        x0 = self.predict_x0(x, eps, i)
         sigma = eta * ((1 - alpha_hat_prev) / (1 - alpha_hat) * (1 - alpha_hat / alpha_hat_prev)).sqrt()
         x = alpha_hat_prev.sqrt() * x0 + (1 - alpha_hat_prev - sigma ** 2).sqrt() * eps
         if eta > 0 and not last:

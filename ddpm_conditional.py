@@ -15,6 +15,13 @@ from modules import EMA, UNet_conditional
 from utils import UserError, run_main
 
 
+def check_guidance_interval(interval: tuple[int, int] | None, noise_steps: int) -> None:
+    """ValueError unless interval is None or timesteps (lo, hi) with 0 <= lo <= hi < noise_steps."""
+    if interval is not None and not 0 <= interval[0] <= interval[1] < noise_steps:
+        raise ValueError(f"guidance_interval must be timesteps LO HI with 0 <= LO <= HI < {noise_steps}, "
+                         f"got {' '.join(map(str, interval))}")
+
+
 class Diffusion(ddpm.Diffusion):
     """The unconditional Diffusion whose noise prediction takes labels and classifier-free guidance."""
 
@@ -27,22 +34,22 @@ class Diffusion(ddpm.Diffusion):
         guidance_interval=(lo, hi) guides only at timesteps lo <= t <= hi and predicts plainly
         conditionally elsewhere (Kynkaanniemi et al. 2024); None guides at every step, as the original.
         """
-        inside = torch.ones_like(t, dtype=torch.bool)
+        if cfg_scale <= 0 or cfg_scale == 1:
+            return model(x, t, labels)
+        inside = None
         if guidance_interval is not None:
             inside = (t >= guidance_interval[0]) & (t <= guidance_interval[1])
-        if cfg_scale <= 0 or cfg_scale == 1 or not inside.any():
-            return model(x, t, labels)
+            if not inside.any():  # nothing to guide at this step: one pass of n
+                return model(x, t, labels)
         no_label = torch.full_like(labels, -1)
         eps_cond, eps_uncond = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([labels, no_label])).chunk(2)
         guided = torch.lerp(eps_uncond.float(), eps_cond.float(), cfg_scale)
-        return torch.where(inside[:, None, None, None], guided, eps_cond.float())
+        return guided if inside is None else torch.where(inside[:, None, None, None], guided, eps_cond.float())
 
     def sample(self, model: nn.Module, n: int, labels: torch.Tensor, cfg_scale: float = 3,
                guidance_interval: tuple[int, int] | None = None, **kwargs) -> torch.Tensor:
         """n images of the classes `labels` (n of them); see ddpm.Diffusion.sample for the sampler options."""
-        if guidance_interval is not None and not 0 <= guidance_interval[0] <= guidance_interval[1] < self.noise_steps:
-            raise ValueError(f"guidance_interval must be (lo, hi) with 0 <= lo <= hi < {self.noise_steps}, "
-                             f"got {tuple(guidance_interval)}")
+        check_guidance_interval(guidance_interval, self.noise_steps)
         num_classes = getattr(model, "module", model).num_classes
         labels = torch.as_tensor(labels, dtype=torch.long, device=next(model.parameters()).device).reshape(-1)
         if labels.numel() != n:
@@ -132,9 +139,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         raise UserError(f"--label_drop must be in [0, 1), got {args.label_drop}")
     if not 0 <= args.ema_beta < 1:
         raise UserError(f"--ema_beta must be in [0, 1), got {args.ema_beta}")
-    lo, hi = args.guidance_interval or (0, 0)
-    if not 0 <= lo <= hi < args.noise_steps:
-        raise UserError(f"--guidance_interval {lo} {hi}: need 0 <= LO <= HI < {args.noise_steps} (timesteps)")
+    try:
+        check_guidance_interval(args.guidance_interval, args.noise_steps)
+    except ValueError as e:
+        raise UserError(f"--{e}")
     return args
 
 

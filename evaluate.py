@@ -24,6 +24,7 @@ import torch.nn.functional as F
 import torchvision.transforms as T
 from tqdm import tqdm
 
+from ddpm_conditional import check_guidance_interval
 from sample import full_chain, load
 from utils import (ImageFiles, UserError, autocast_dtype, digits_to_model_range, image_files, load_checkpoint,
                    load_digits, run_main, save_checkpoint, save_images, save_json, seed_everything, update_readme_block)
@@ -208,6 +209,7 @@ class ExactDenoiser(nn.Module):
         super().__init__()
         # The training images are its parameters (the samplers read the device off them).
         self.x0 = nn.Parameter(images.flatten(1).double() / 127.5 - 1, requires_grad=False)
+        self.register_buffer("x0_sq", self.x0.square().sum(1))
         self.register_buffer("labels", labels)
         self.register_buffer("alpha_hat", diffusion.alpha_hat.double().cpu())
         if num_classes is not None:
@@ -217,7 +219,7 @@ class ExactDenoiser(nn.Module):
         alpha_hat = self.alpha_hat[t][:, None]
         x_t = x.flatten(1).double()
         # log N(x_t; sqrt(alpha_hat) x_i, (1 - alpha_hat) I) up to terms that do not depend on i
-        logits = (alpha_hat.sqrt() * x_t @ self.x0.T - 0.5 * alpha_hat * self.x0.square().sum(1)) / (1 - alpha_hat)
+        logits = (alpha_hat.sqrt() * x_t @ self.x0.T - 0.5 * alpha_hat * self.x0_sq) / (1 - alpha_hat)
         if y is not None:  # label -1: unconditional, every image
             logits = logits.masked_fill((y[:, None] >= 0) & (self.labels[None] != y[:, None]), -math.inf)
         x0 = torch.softmax(logits, dim=1) @ self.x0
@@ -274,9 +276,10 @@ def evaluate(args: argparse.Namespace) -> dict:
     config = json.loads(config_path.read_text())
     model, diffusion = load(run_dir, device=args.device)
     conditional = hasattr(model, "num_classes")
-    lo, hi = args.guidance_interval or (0, 0)
-    if not 0 <= lo <= hi < diffusion.noise_steps:
-        raise UserError(f"--guidance_interval {lo} {hi}: need 0 <= LO <= HI < {diffusion.noise_steps} (timesteps)")
+    try:
+        check_guidance_interval(args.guidance_interval, diffusion.noise_steps)
+    except ValueError as e:
+        raise UserError(f"--{e}")
 
     x_train, y_train, x_held, y_held, classes = real_images(config)
     if len(classes) < 2:
