@@ -12,12 +12,15 @@ without guidance, and peak memory.
 """
 import argparse
 import os
+import platform
 import resource
 import statistics
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable
 
+os.environ.setdefault("KINETO_LOG_LEVEL", "5")  # the profiler's "gpuGetDeviceCount failed" on CPU-only machines
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.profiler import ProfilerActivity, profile
@@ -26,7 +29,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import ddpm
 import ddpm_conditional
-from utils import autocast_dtype, pick_device, run_main, save_json, update_readme_block
+from utils import autocast_dtype, cpu_has_native, pick_device, run_main, save_json, update_readme_block
 
 
 def sync(device: torch.device) -> None:
@@ -48,10 +51,20 @@ def timed(fn, device: torch.device, repeats: int, warmup: int = 2) -> float:
     return statistics.median(times)
 
 
-def matmul_peak(dtype: torch.dtype, device: torch.device, n: int, repeats: int = 5) -> float:
-    """FLOP/s of an n x n matmul in `dtype`."""
-    a, b = (torch.randn(n, n, device=device).to(dtype) for _ in range(2))
-    return 2 * n ** 3 / timed(lambda: a @ b, device, repeats)
+def peak_matmul(dtype: torch.dtype, device: torch.device, max_n: int, budget_s: float = 0.5
+                ) -> tuple[Callable[[], torch.Tensor], int]:
+    """(a square matmul in `dtype`, its FLOPs): n x n with n up to `max_n` while one product fits in `budget_s`.
+
+    The size grows from 256 while a product stays fast, so a dtype the hardware only emulates
+    (bf16 on a CPU without AVX512-BF16 or AMX: about 1 GFLOP/s) is measured in a second instead
+    of the quarter of an hour a 4096 x 4096 product would take.
+    """
+    n = min(256, max_n)
+    while True:
+        a, b = (torch.randn(n, n, device=device).to(dtype) for _ in range(2))
+        if n >= max_n or timed(lambda: a @ b, device, 1, warmup=1) > budget_s / 8:  # doubling n costs 8x
+            return (lambda: a @ b), 2 * n ** 3
+        n = min(2 * n, max_n)
 
 
 # Operators of the attention layers: the fused kernels, and the plain kernel's batched matmuls
@@ -71,6 +84,18 @@ def profiled(fn, device: torch.device, repeats: int = 3) -> tuple[float, str]:
     total = sum(getattr(e, time_of) for e in events)
     attention = sum(getattr(e, time_of) for e in events if any(op in e.key for op in ATTENTION_OPS))
     return attention / total, events.table(sort_by=time_of, row_limit=15)
+
+
+def device_name(device: torch.device) -> str:
+    """The GPU's name, or the CPU's model, threads and vector instructions (its speed depends on them)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    cpuinfo = Path("/proc/cpuinfo")
+    models = [line.split(":", 1)[1].strip() for line in (cpuinfo.read_text().splitlines() if cpuinfo.exists() else [])
+              if line.startswith("model name")]
+    model = models[0] if models else platform.processor() or "cpu"
+    isa = torch.backends.cpu.get_cpu_capability() + (" + BF16" if cpu_has_native(torch.bfloat16) else "")
+    return f"{model}, {torch.get_num_threads()} threads, {isa}"
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -96,11 +121,12 @@ def benchmark(args: argparse.Namespace) -> dict:
     device = pick_device(args.device)
     dtype = autocast_dtype(args.precision, device)
     torch.manual_seed(0)
-    peaks = {"fp32": matmul_peak(torch.float32, device, args.matmul_size),
-             "bf16": matmul_peak(torch.bfloat16, device, args.matmul_size)}
     precision = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
+    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
     if device.type == "cuda" or precision == "fp16":
-        peaks["fp16"] = matmul_peak(torch.float16, device, args.matmul_size)
+        dtypes["fp16"] = torch.float16
+    matmuls = {k: peak_matmul(d, device, args.matmul_size) for k, d in dtypes.items()}
+    peaks = {k: flops / timed(product, device, args.repeats) for k, (product, flops) in matmuls.items()}
 
     cwd = os.getcwd()
     with tempfile.TemporaryDirectory() as tmp:
@@ -110,7 +136,16 @@ def benchmark(args: argparse.Namespace) -> dict:
         finally:
             os.chdir(cwd)
     images, labels = (t.to(device) for t in next(iter(trainer.loader)))
-    step = timed(lambda: trainer.train_step(images, labels), device, args.repeats)
+    # The peak in use is measured again, between the timed steps: a virtual machine's speed drifts by
+    # 20% within minutes, and the utilisation should compare the two at the same moments.
+    product, product_flops = matmuls[precision]
+    for _ in range(2):  # warm-up
+        trainer.train_step(images, labels)
+    steps, nearby_peaks = [], []
+    for _ in range(args.repeats):
+        steps.append(timed(lambda: trainer.train_step(images, labels), device, 1, warmup=0))
+        nearby_peaks.append(product_flops / timed(product, device, 1, warmup=0))
+    step, peaks[precision] = statistics.median(steps), statistics.median(nearby_peaks)
     attention_time, top_ops = profiled(lambda: trainer.train_step(images, labels), device)
     if args.profile:
         print(top_ops)
@@ -139,7 +174,7 @@ def benchmark(args: argparse.Namespace) -> dict:
     attention_flops = sum(v for op, v in counter.get_flop_counts()["Global"].items() if "bmm" in str(op))
 
     result = {
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
+        "device": device_name(device),
         "config": {k: getattr(args, k) for k in ("image_size", "c_in", "width", "batch_size", "conditional", "compile")},
         "precision": precision,
         "peak_tflops": {k: v / 1e12 for k, v in peaks.items()},
@@ -165,7 +200,7 @@ def print_table(r: dict) -> None:
         ("configuration", f"{c['c_in']}x{c['image_size']}x{c['image_size']}, width {c['width']}, batch {c['batch_size']}, "
                           f"{'conditional' if c['conditional'] else 'unconditional'}, {r['precision']}"
                           f"{', compiled' if c['compile'] else ''}"),
-        ("matmul peak", ", ".join(f"{k} {v:.2f} TFLOP/s" for k, v in r["peak_tflops"].items())),
+        ("matmul peak", ", ".join(f"{k} {v:.3g} TFLOP/s" for k, v in r["peak_tflops"].items())),
         ("training", f"{r['train_step_s']:.3f} s/step, {r['train_images_per_s']:.1f} images/s"),
         ("training FLOPs", f"{r['train_gflop_per_step']:.1f} GFLOP/step = {r['train_tflops']:.3f} TFLOP/s"),
         ("utilisation", f"{100 * r['utilisation']:.0f}% of the {r['precision']} matmul peak"),
@@ -191,7 +226,7 @@ def readme_row(r: dict) -> str:
     config = (f"{c['c_in']}x{c['image_size']}², width {c['width']}, batch {c['batch_size']}, {r['precision']}"
               f"{', compiled' if c['compile'] else ''}{'' if c['conditional'] else ', unconditional'}")
     sampling = " / ".join(f"{r['sample_s_per_image'][k]:.3f}" for k in r["sample_s_per_image"])
-    peaks = ", ".join(f"{k} {v:.2f}" for k, v in r["peak_tflops"].items())
+    peaks = ", ".join(f"{k} {v:.3g}" for k, v in r["peak_tflops"].items())
     return (f"| {r['device']} | {config} | {r['train_images_per_s']:.1f} img/s ({r['train_step_s']:.3f} s/step, "
             f"{r['train_gflop_per_step']:.1f} GFLOP) | {100 * r['utilisation']:.0f}% of {r['precision']} peak "
             f"(peaks, TFLOP/s: {peaks}) | {100 * r['attention_time_share']:.0f}% / "

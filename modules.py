@@ -10,10 +10,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-# On CPUs the fused attention kernel loses to plain softmax(Q K^T / sqrt(d)) V for short
-# sequences (forward + backward in bf16: 3x faster at 64 and 128 tokens, even at 256 within a
-# training step, slower beyond). Up to this many tokens attention runs plainly; its matrix is
-# then at most 128 x 128 per head.
+# In bf16 on CPUs the fused attention kernel loses to plain softmax(Q K^T / sqrt(d)) V for
+# short sequences (forward + backward: 3x faster at 64 and 128 tokens on an AVX512-BF16 CPU,
+# slower beyond). Up to this many tokens bf16 attention runs plainly; its matrix is then at most
+# 128 x 128 per head. In fp32 the fused kernel wins at every length (1.5-2.5x on an AVX2 CPU).
 CPU_PLAIN_ATTENTION_TOKENS = 128
 
 
@@ -67,7 +67,7 @@ class SelfAttention(nn.Module):
 
     The weights live in an `nn.MultiheadAttention` (for the original's parameter names) but the
     attention runs through `F.scaled_dot_product_attention`, which never materialises the
-    (HW x HW) weight matrix (except for a few tokens on a CPU, where the plain kernel is faster).
+    (HW x HW) weight matrix (except for a few tokens in bf16 on a CPU, where the plain kernel is faster).
     Any spatial size works: H and W are read from the input.
     """
 
@@ -88,7 +88,7 @@ class SelfAttention(nn.Module):
         x = x.flatten(2).transpose(1, 2)  # (B, HW, C)
         q, k, v = F.linear(self.ln(x), self.mha.in_proj_weight, self.mha.in_proj_bias).chunk(3, dim=-1)
         q, k, v = (z.unflatten(-1, (self.heads, C // self.heads)).transpose(1, 2) for z in (q, k, v))
-        if x.device.type == "cpu" and H * W <= CPU_PLAIN_ATTENTION_TOKENS:
+        if q.device.type == "cpu" and q.dtype == torch.bfloat16 and H * W <= CPU_PLAIN_ATTENTION_TOKENS:
             attn = torch.softmax((q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1), dim=-1) @ v
         else:
             attn = F.scaled_dot_product_attention(q, k, v)

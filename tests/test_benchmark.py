@@ -1,8 +1,10 @@
 import json
 
 import pytest
+import torch
 
 import benchmark
+from utils import cpu_has_native
 
 TINY = ["--image_size", "8", "--width", "8", "--batch_size", "4", "--repeats", "1", "--sample_n", "2",
         "--matmul_size", "64", "--precision", "fp32"]
@@ -21,6 +23,18 @@ def test_benchmark_measures_everything_and_writes_json_and_readme(in_tmp, condit
     assert 0 < r["attention_flop_share"] < 1 and 0 < r["attention_time_share"] < 1
     assert set(r["sample_s_per_image"]) == ({"plain", "guided"} if conditional else {"plain"})
     benchmark.main(argv)  # the same configuration again replaces its row
-    rows = [line for line in readme.read_text().splitlines() if line.startswith("| cpu")]
+    assert r["device"].endswith(f"{torch.get_num_threads()} threads, {torch.backends.cpu.get_cpu_capability()}"
+                                + (" + BF16" if cpu_has_native(torch.bfloat16) else ""))
+    rows = [line for line in readme.read_text().splitlines() if line.startswith(f"| {r['device']} |")]
     assert len(rows) == 1 and "1x8², width 8, batch 4, fp32" in rows[0]
     assert readme.read_text().endswith("<!-- benchmark:end -->\ntail\n")
+
+
+def test_peak_matmul_grows_only_while_a_product_is_fast():
+    """A dtype the CPU emulates (bf16 at ~1 GFLOP/s without AVX512-BF16) must not take an hour to measure."""
+    cpu = torch.device("cpu")
+    product, flops = benchmark.peak_matmul(torch.float32, cpu, max_n=4096, budget_s=0)
+    assert flops == 2 * 256 ** 3 and product().shape == (256, 256)  # every product is over a zero budget
+    product, flops = benchmark.peak_matmul(torch.float32, cpu, max_n=1024, budget_s=1e6)
+    assert flops == 2 * 1024 ** 3 and product().shape == (1024, 1024)  # grows to max_n within a huge one
+    assert benchmark.peak_matmul(torch.float32, cpu, max_n=64)[1] == 2 * 64 ** 3

@@ -4,6 +4,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from modules import CPU_PLAIN_ATTENTION_TOKENS, EMA, SelfAttention, UNet, UNet_conditional
 
@@ -60,19 +61,28 @@ def test_the_original_network_cannot_see_the_scale_of_x_t_and_input_skip_can():
     assert set(skip.state_dict()) - set(original.state_dict()) == {"inc_skip.weight", "inc_skip.bias"}
 
 
-@pytest.mark.parametrize("side", [6, 12])  # 36 tokens: the plain CPU kernel; 144: the fused one
-def test_attention_equals_multihead_attention(side):
+@pytest.mark.parametrize("side, dtype, plain", [(6, torch.bfloat16, True), (6, torch.float32, False),
+                                                (12, torch.bfloat16, False)])
+def test_attention_equals_multihead_attention(monkeypatch, side, dtype, plain):
+    """Plain softmax(QK^T/sqrt(d))V for few tokens in bf16 on a CPU, the fused kernel otherwise; both exact."""
     assert (side * side <= CPU_PLAIN_ATTENTION_TOKENS) == (side == 6)
+    fused_calls = []
+    sdpa = F.scaled_dot_product_attention
+    monkeypatch.setattr(F, "scaled_dot_product_attention", lambda *a: fused_calls.append(1) or sdpa(*a))
     torch.manual_seed(0)
     sa = SelfAttention(16)
     x = torch.randn(2, 16, side, side)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+        out = sa(x).float()
+    assert len(fused_calls) == (0 if plain else 1)
     tokens = x.flatten(2).transpose(1, 2)
     normed = sa.ln(tokens)
     reference, _ = sa.mha(normed, normed, normed)
     reference = reference + tokens
     reference = sa.ff_self(reference) + reference
     reference = reference.transpose(1, 2).reshape(2, 16, side, side)
-    torch.testing.assert_close(sa(x), reference, atol=1e-5, rtol=1e-5)
+    tol = 3e-2 if dtype == torch.bfloat16 else 1e-5
+    torch.testing.assert_close(out, reference, atol=tol, rtol=tol)
 
 
 def test_time_encoding_closed_form():

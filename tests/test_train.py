@@ -9,7 +9,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 import ddpm
 from conftest import ROOT, write_images
 from modules import UNet
-from utils import run_main
+from utils import autocast_dtype, run_main
 
 TINY = ["--width", "8", "--image_size", "16", "--precision", "fp32", "--noise_steps", "100", "--sample_steps", "5"]
 
@@ -107,3 +107,23 @@ def test_bf16_loss_curve_tracks_fp32(in_tmp):
     fp32, bf16 = curves["fp32"], curves["bf16"]
     assert fp32[-10:].mean() < 0.5 * fp32[:5].mean() and bf16[-10:].mean() < 0.5 * bf16[:5].mean()
     assert (bf16 - fp32).abs().mean() < 0.1 * fp32.mean()
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_precision_auto_and_emulated_cpu_warning(monkeypatch, capsys, native):
+    """auto takes bf16 only where the CPU has it natively; asking for it anyway on such a CPU warns in one line."""
+    for check in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):
+        monkeypatch.setattr(torch.cpu, check, lambda: native)
+    cpu = torch.device("cpu")
+    assert autocast_dtype("auto", cpu) == (torch.bfloat16 if native else None)
+    assert autocast_dtype("fp32", cpu) is None
+    assert capsys.readouterr().err == ""
+    assert autocast_dtype("bf16", cpu) == torch.bfloat16
+    err = capsys.readouterr().err
+    assert (err == "") == native
+    if not native:
+        assert err.count("\n") == 1 and "no native bf16" in err and "--precision auto picks fp32" in err
+    monkeypatch.setattr(torch.cpu, "_is_amx_fp16_supported", lambda: False)
+    assert autocast_dtype("fp16", cpu) == torch.float16
+    assert "no native fp16 arithmetic" in (err := capsys.readouterr().err)
+    assert f"--precision auto picks {'bf16' if native else 'fp32'} here" in err
