@@ -126,7 +126,9 @@ def benchmark(args: argparse.Namespace) -> dict:
     if device.type == "cuda" or precision == "fp16":
         dtypes["fp16"] = torch.float16
     matmuls = {k: peak_matmul(d, device, args.matmul_size) for k, d in dtypes.items()}
-    peaks = {k: flops / timed(product, device, args.repeats) for k, (product, flops) in matmuls.items()}
+    # the peak of the precision in use is measured below, between the timed training steps
+    peaks = {k: flops / timed(product, device, args.repeats) if k != precision else None
+             for k, (product, flops) in matmuls.items()}
 
     cwd = os.getcwd()
     with tempfile.TemporaryDirectory() as tmp:
@@ -136,8 +138,8 @@ def benchmark(args: argparse.Namespace) -> dict:
         finally:
             os.chdir(cwd)
     images, labels = (t.to(device) for t in next(iter(trainer.loader)))
-    # The peak in use is measured again, between the timed steps: a virtual machine's speed drifts by
-    # 20% within minutes, and the utilisation should compare the two at the same moments.
+    # A virtual machine's speed drifts by 20% within minutes: the utilisation should compare the
+    # step and the peak at the same moments.
     product, product_flops = matmuls[precision]
     for _ in range(2):  # warm-up
         trainer.train_step(images, labels)
