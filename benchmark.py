@@ -57,7 +57,7 @@ def peak_matmul(dtype: torch.dtype, device: torch.device, max_n: int, budget_s: 
 
     The size grows from 256 while a product stays fast, so a dtype the hardware only emulates
     (bf16 on a CPU without AVX512-BF16 or AMX: about 1 GFLOP/s) is measured in a second instead
-    of the quarter of an hour a 4096 x 4096 product would take.
+    of the 12 minutes that seven 4096 x 4096 products (warm-up and repeats) would take.
     """
     n = min(256, max_n)
     while True:

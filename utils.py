@@ -79,7 +79,7 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
         return torch.bfloat16 if device.type == "cpu" and cpu_has_native(torch.bfloat16) else None
     dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
     if device.type == "cpu" and dtype is not None and not cpu_has_native(dtype):
-        auto = "bf16" if cpu_has_native(torch.bfloat16) else "fp32"
+        auto = "fp32" if autocast_dtype("auto", device) is None else "bf16"
         print(f"warning: this CPU has no native {precision} arithmetic, so PyTorch emulates it, many times slower "
               f"than fp32; --precision auto picks {auto} here", file=sys.stderr)
     return dtype
