@@ -19,8 +19,9 @@ from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 from modules import UNet
-from utils import (UserError, autocast_dtype, barrier, get_data, init_distributed, load_checkpoint, make_grid,
-                   pick_device, run_main, save_checkpoint, save_images, save_json, seed_everything, setup_logging)
+from utils import (UserError, autocast_dtype, barrier, close_loader, get_data, init_distributed, load_checkpoint,
+                   make_grid, pick_device, run_main, save_checkpoint, save_images, save_json, seed_everything,
+                   setup_logging)
 
 
 class Diffusion:
@@ -378,6 +379,7 @@ class Trainer:
         finally:
             for s, handler in previous_handlers.items():
                 signal.signal(s, handler)
+            close_loader(self.loader)
             if self.is_main:
                 self.logger.close()
 

@@ -250,9 +250,24 @@ def get_data(args) -> DataLoader:
 
 
 def ignore_stop_signals(worker_id: int) -> None:
-    """Ctrl-C / SIGTERM are the training process's to handle: workers keep serving batches meanwhile."""
+    """Ctrl-C / SIGTERM are the training process's to handle: workers keep serving batches meanwhile.
+
+    (A worker killed by them would make the DataLoader raise in the training process, mid-save.)
+    """
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+def close_loader(loader: DataLoader) -> None:
+    """Stop the loader's persistent worker processes now, while the training process is still running.
+
+    Left to interpreter exit, multiprocessing's exit handler would SIGTERM them, which they ignore
+    (above), and then wait for them forever. PyTorch has no public call for this.
+    """
+    iterator = getattr(loader, "_iterator", None)
+    if iterator is not None and hasattr(iterator, "_shutdown_workers"):
+        iterator._shutdown_workers()
+        loader._iterator = None
 
 
 # --------------------------------------------------------------------------- files

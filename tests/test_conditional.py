@@ -132,7 +132,7 @@ def test_end_to_end_on_three_class_folders(in_tmp):
     for i, name in enumerate(["apple", "banana", "cherry"]):
         write_images(in_tmp / "fruit" / name, 4, size=20, seed=i)
     ddpm_conditional.main([*TINY, "--dataset_path", "fruit", "--batch_size", "4", "--epochs", "2",
-                           "--sample_every", "1", "--n_samples", "5", "--num_workers", "0", "--ema_start", "1"])
+                           "--sample_every", "1", "--n_samples", "5", "--ema_start", "1"])
     run = in_tmp / "models" / "DDPM_conditional"
     assert {p.name for p in run.iterdir()} == {"ckpt.pt", "ema_ckpt.pt", "optim.pt", "resume.pt", "run.json"}
     for name in ("ckpt.pt", "ema_ckpt.pt"):

@@ -170,7 +170,7 @@ def test_broken_images_are_listed_or_skipped(in_tmp, capsys):
     (in_tmp / "data" / "a" / "bad1.png").write_bytes(b"garbage")
     (in_tmp / "data" / "b" / "bad2.jpg").write_bytes(b"")
     argv = ["--width", "8", "--image_size", "16", "--dataset_path", "data", "--batch_size", "4", "--epochs", "1",
-            "--sample_every", "0", "--num_workers", "0"]
+            "--sample_every", "0"]
     with pytest.raises(SystemExit):
         run_main(lambda: ddpm_conditional.main(argv))
     err = capsys.readouterr().err

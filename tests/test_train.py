@@ -56,8 +56,7 @@ def test_no_input_skip_trains_the_originals_exact_network(in_tmp):
 
 def test_training_on_a_folder_of_rgb_images(in_tmp):
     write_images(in_tmp / "data" / "a", 6, size=24)
-    ddpm.main([*TINY, "--dataset_path", "data", "--batch_size", "4", "--epochs", "1", "--n_samples", "2",
-               "--num_workers", "0"])
+    ddpm.main([*TINY, "--dataset_path", "data", "--batch_size", "4", "--epochs", "1", "--n_samples", "2"])
     state = torch.load(in_tmp / "models" / "DDPM_Unconditional" / "ckpt.pt", weights_only=True)
     assert state["inc.double_conv.0.weight"].shape == (8, 3, 3, 3)
     assert (in_tmp / "results" / "DDPM_Unconditional" / "0.jpg").exists()
