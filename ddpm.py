@@ -5,6 +5,7 @@
 """
 import argparse
 import math
+import os
 import signal
 import sys
 from pathlib import Path
@@ -14,14 +15,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 from modules import UNet
-from utils import (UserError, autocast_dtype, barrier, close_loader, get_data, init_distributed, load_checkpoint,
-                   make_grid, pick_device, run_main, save_checkpoint, save_images, save_json, seed_everything,
-                   setup_logging)
+from utils import (SeededSampler, UserError, autocast_dtype, barrier, check_new_run, close_loader, gather, get_data,
+                   init_distributed, load_checkpoint, make_grid, pick_device, run_main, save_checkpoint, save_images,
+                   save_json, seed_everything, setup_logging)
 
 
 class Diffusion:
@@ -188,10 +189,13 @@ class Trainer:
         self.args = args
         self.rank, self.world_size, self.device = init_distributed(pick_device(args.device))
         self.is_main = self.rank == 0  # only rank 0 writes files, grids and TensorBoard
-        args.device = str(self.device)
+        args.device, args.world_size = str(self.device), self.world_size
         seed_everything(args.seed + self.rank)  # each rank draws its own noise; DDP syncs the initial weights
+        if not args.resume:
+            check_new_run(args.run_name, args.overwrite)  # on every rank, before rank 0 writes anything
+        barrier()
         if self.is_main:
-            setup_logging(args.run_name)
+            setup_logging(args.run_name, overwrite=args.overwrite and not args.resume)
         barrier()
         self.loader = get_data(args) if loader is None else loader
         self.model = self.build_model().to(self.device)
@@ -292,13 +296,18 @@ class Trainer:
         return {"ckpt.pt": self.model.state_dict(), "optim.pt": self.optimizer.state_dict()}
 
     def resume_state(self) -> dict:
-        """Everything --resume needs, in one file so that it is always consistent with itself."""
-        state = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                 "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
-                 "step": self.step, "epoch": self.epoch, "batch": self.batch, "rng": torch.get_rng_state(),
-                 "args": {k: v for k, v in vars(self.args).items() if k not in ("class_names", "command", "device")}}
+        """Everything --resume needs but the random states (save() adds them), in one file so that it is
+        always consistent with itself."""
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
+                "step": self.step, "epoch": self.epoch, "batch": self.batch,
+                "args": {k: v for k, v in vars(self.args).items()
+                         if k not in ("class_names", "command", "device", "overwrite")}}
+
+    def rng_state(self) -> dict[str, torch.Tensor]:
+        state = {"cpu": torch.get_rng_state()}
         if self.device.type == "cuda":
-            state["cuda_rng"] = torch.cuda.get_rng_state(self.device)
+            state["cuda"] = torch.cuda.get_rng_state(self.device)
         return state
 
     def load_resume_state(self, state: dict) -> None:
@@ -306,18 +315,23 @@ class Trainer:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
-        self.scaler.load_state_dict(state["scaler"])
+        if state["scaler"] and self.scaler.is_enabled():  # fp16 after fp16; any other change of precision starts afresh
+            self.scaler.load_state_dict(state["scaler"])
         self.step, self.epoch, self.batch = state["step"], state["epoch"], state["batch"]
-        # the optimisation flags given now win over the saved ones
+        # the optimisation flags given now win over the saved ones; a cosine schedule spans the new --epochs
+        saved_epochs = state["args"]["epochs"]
+        if a.lr_schedule == "cosine" and a.epochs != saved_epochs and self.is_main:
+            before = lr_factor(self.step, a, saved_epochs * len(self.loader))
+            print(f"the cosine schedule now ends at epoch {a.epochs}, not {saved_epochs}: the learning rate goes "
+                  f"from {before:.3g} to {lr_factor(self.step, a, self.total_steps):.3g} x --lr here")
         self.scheduler.base_lrs = [a.lr] * len(self.optimizer.param_groups)
         for group in self.optimizer.param_groups:
             group["lr"] = a.lr * lr_factor(self.step, a, self.total_steps)
             group["weight_decay"] = a.weight_decay
-        torch.set_rng_state(state["rng"])
-        if "cuda_rng" in state and self.device.type == "cuda":
-            torch.cuda.set_rng_state(state["cuda_rng"], self.device)
-        if self.world_size > 1:  # rank 0's saved state, made distinct per rank
-            torch.manual_seed(a.seed + self.rank + 1000003 * self.step)
+        rng = state["rng"][self.rank]  # this rank's stream, continued
+        torch.set_rng_state(rng["cpu"])
+        if "cuda" in rng and self.device.type == "cuda":
+            torch.cuda.set_rng_state(rng["cuda"], self.device)
 
     def check_finite(self) -> None:
         """Stop on a non-finite loss (collective under torchrun: every rank stops together)."""
@@ -332,11 +346,12 @@ class Trainer:
     def save(self) -> None:
         """Write the checkpoints of the current position, each atomically; resume.pt last."""
         self.check_finite()
+        rng = gather(self.rng_state())  # every process's random state (collective), for rank 0 to save
         if self.is_main:
             self.logger.flush()  # every logged step up to this checkpoint is on disk before it
             for name, state in self.state_dicts().items():
                 save_checkpoint(state, self.folder / name)
-            save_checkpoint(self.resume_state(), self.folder / "resume.pt")
+            save_checkpoint({**self.resume_state(), "rng": rng}, self.folder / "resume.pt")
         barrier()
 
     def log_samples(self, epoch: int) -> None:
@@ -385,14 +400,12 @@ class Trainer:
 
     def train_epoch(self, epoch: int) -> None:
         a, steps = self.args, len(self.loader)
-        if isinstance(self.loader.sampler, DistributedSampler):
-            self.loader.sampler.set_epoch(epoch)  # the shuffle is a function of (seed, epoch) alone
+        if isinstance(self.loader.sampler, SeededSampler):
+            self.loader.sampler.set_epoch(epoch)
+            self.loader.sampler.start = self.batch * self.loader.batch_size  # a mid-epoch resume skips the trained part
         rng = torch.get_rng_state()
         batches = iter(self.loader)
-        if self.batch:  # resuming mid-epoch: skip the batches already trained on, and undo the loader's
-            for _ in range(self.batch):  # random draws, which the interrupted run made before its checkpoint
-                next(batches)
-            torch.set_rng_state(rng)
+        torch.set_rng_state(rng)  # starting the loader draws a seed: undo it, so a resumed run's stream matches
         pbar = tqdm(batches, desc=f"epoch {epoch}", initial=self.batch, total=steps, dynamic_ncols=True,
                     disable=not self.is_main)
         running, count = torch.zeros((), device=self.device), 0
@@ -416,7 +429,7 @@ class Trainer:
                 signum = self.stop_signal or signal.SIGTERM
                 if self.is_main:
                     print(f"\n{signal.Signals(signum).name}: stopped at epoch {epoch}, step {self.step}; checkpoint "
-                          f"saved in {self.folder}. Resume with: {resume_command(a)}", file=sys.stderr)
+                          f"saved in {self.folder}. Resume with: {resume_command(a, self.world_size)}", file=sys.stderr)
                 sys.exit(128 + signum)
 
     def stop_requested(self) -> bool:
@@ -435,9 +448,16 @@ class Trainer:
               file=sys.stderr)
 
 
-def resume_command(args: argparse.Namespace) -> str:
+def resume_command(args: argparse.Namespace, world_size: int) -> str:
+    """The command that continues this run: python for one process, torchrun with as many for several."""
     script = "ddpm_conditional.py" if hasattr(args, "num_classes") else "ddpm.py"
-    return f"python {script} --resume --run_name {args.run_name}"
+    launcher = "python"
+    if world_size > 1:
+        per_node = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
+        launcher = f"torchrun --nproc_per_node {per_node}"
+        if per_node != world_size:
+            launcher = f"torchrun --nnodes {world_size // per_node} --nproc_per_node {per_node} <rendezvous flags>"
+    return f"{launcher} {script} --resume --run_name {args.run_name}"
 
 
 def lr_factor(step: int, args: argparse.Namespace, total_steps: int) -> float:
@@ -499,10 +519,14 @@ def build_parser(description: str = "Train an unconditional DDPM.", run_name: st
     p.add_argument("--sample_steps", type=int, default=50, help="DDIM steps of the in-training grids")
     p.add_argument("--log_every", type=int, default=10, help="steps between loss logs (each one syncs the device)")
     p.add_argument("--num_workers", type=int, default=None, help="data-loading processes for a folder (default: min(4, cores))")
-    p.add_argument("--compile", action="store_true", help="torch.compile the model (pays off on GPUs)")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
+                   help="torch.compile the model (pays off on GPUs)")
     p.add_argument("--resume", action="store_true", help="continue models/<run_name> where its last checkpoint left it")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start again over an existing run: deletes models/, results/ and runs/<run_name> first")
     p.add_argument("--save_every", type=int, default=0, help="also checkpoint every N steps (0 = at epoch ends only)")
-    p.add_argument("--skip_bad_images", action="store_true", help="skip unreadable images instead of stopping")
+    p.add_argument("--skip_bad_images", action=argparse.BooleanOptionalAction, default=False,
+                   help="skip unreadable images instead of stopping")
     return p
 
 
@@ -510,6 +534,8 @@ def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None = None, r
                ) -> argparse.Namespace:
     """Parse, fill the data-dependent defaults, and check the values."""
     args = parser.parse_args(argv)
+    if args.resume and args.overwrite:
+        raise UserError("--resume continues a run and --overwrite deletes it: give one of them")
     if args.resume:
         args = resumed_args(parser, argv, args)
     for key, value in recipes["digits" if args.dataset_path is None else "folder"].items():
@@ -544,6 +570,10 @@ def resumed_args(parser: argparse.ArgumentParser, argv: list[str] | None, args: 
     if not path.is_file():
         raise UserError(f"nothing to resume: {path} does not exist (check --run_name, or drop --resume)")
     saved = load_checkpoint(path)["args"]
+    world_size, saved_world_size = int(os.environ.get("WORLD_SIZE", 1)), saved.get("world_size", 1)
+    if world_size != saved_world_size:  # the global batch, and with it every step, would change
+        raise UserError(f"{args.run_name} was trained by {saved_world_size} process(es), this is {world_size}: "
+                        f"resume with the same number, {resume_command(argparse.Namespace(**saved), saved_world_size)}")
     # argparse only fills defaults for attributes the namespace lacks: flags given now win, the rest is the run's
     merged = parser.parse_args(argv, namespace=argparse.Namespace(**saved))
     changed = [f"--{k} {getattr(merged, k)} (the run has {saved[k]})" for k in LOCKED

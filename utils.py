@@ -1,7 +1,9 @@
 """Data loading, devices, logging, checkpoints and image saving for the training scripts."""
+import itertools
 import json
 import os
 import random
+import shutil
 import signal
 import sys
 import tempfile
@@ -105,6 +107,15 @@ def barrier() -> None:
         dist.barrier()
 
 
+def gather(obj) -> list:
+    """Every process's `obj`, in rank order (a list of one outside torchrun)."""
+    if not dist.is_initialized():
+        return [obj]
+    objects = [None] * dist.get_world_size()
+    dist.all_gather_object(objects, obj)
+    return objects
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -190,6 +201,61 @@ class ImageFiles(Dataset):
             return self.transform(im.convert(self.mode)), label
 
 
+def labels_of(dataset: Dataset) -> torch.Tensor:
+    """The class label of every item, read without loading the images."""
+    if isinstance(dataset, TensorDataset):
+        return dataset.tensors[1]
+    return torch.tensor([label for _, label in dataset.samples])
+
+
+def stratified(labels: torch.Tensor, n: int, seed: int = 0) -> list[int]:
+    """n indices that keep every class in proportion: each class in a fixed random order, and the
+    items taken by their rank within their class relative to its size (so 100 of ten equal classes
+    are 10 of each)."""
+    order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))
+    rank = torch.empty(len(labels))
+    for c in labels.unique():
+        members = order[labels[order] == c]
+        rank[members] = (torch.arange(len(members)) + 0.5) / len(members)
+    return sorted(rank.argsort(stable=True)[:n].tolist())
+
+
+class SeededSampler(DistributedSampler):
+    """A DistributedSampler whose items carry their own random seed, a function of (seed, epoch, index).
+
+    The shuffle of epoch e is a function of (seed, e) alone, and each image's random crop a function
+    of its seed alone, whichever worker process loads it: a resumed run sees exactly the batches of
+    an uninterrupted one. `start` skips that many items of the epoch (a mid-epoch resume); the
+    length stays the whole epoch's.
+    """
+
+    start = 0
+
+    def __iter__(self):
+        for index in itertools.islice(super().__iter__(), self.start, None):
+            yield index, (self.seed * 1_000_003 + self.epoch) * 1_000_003 + index
+
+
+class Seeded(Dataset):
+    """Fetches item i of `dataset` for a SeededSampler's (i, seed). With `random` (a random transform)
+    the random number generator is seeded by `seed` and left as it was, so that loading draws nothing
+    from the training process's stream."""
+
+    def __init__(self, dataset: Dataset, random: bool):
+        self.dataset, self.random = dataset, random
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, item: tuple[int, int]):
+        index, seed = item
+        if not self.random:  # in-memory digits: nothing to seed (and 0.1 ms an item saved)
+            return self.dataset[index]
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return self.dataset[index]
+
+
 def get_data(args) -> DataLoader:
     """The training DataLoader for `args.dataset_path` (or the embedded digits when it is None).
 
@@ -201,7 +267,10 @@ def get_data(args) -> DataLoader:
         c = args.c_in or 1
         dataset = TensorDataset(digits_to_model_range(images, args.image_size).expand(-1, c, -1, -1).contiguous(), labels)
         classes = [str(i) for i in range(10)]
-        workers = 0  # indexing an in-memory tensor: worker processes would only add overhead
+        workers, random_crops = 0, False  # indexing an in-memory tensor: worker processes would only add overhead
+        if args.num_workers:
+            print("warning: --num_workers is ignored for the embedded digits (in memory, no loading to parallelise)",
+                  file=sys.stderr)
     else:
         root = Path(args.dataset_path).expanduser()
         if not root.is_dir():
@@ -229,16 +298,16 @@ def get_data(args) -> DataLoader:
         dataset = ImageFiles(root, transform, c, exclude=bad)
         classes = dataset.classes
         workers = args.num_workers if args.num_workers is not None else min(4, os.cpu_count() or 1)
+        random_crops = True
     if args.limit:
-        dataset = Subset(dataset, range(min(args.limit, len(dataset))))
+        dataset = Subset(dataset, stratified(labels_of(dataset), args.limit))
     args.c_in, args.num_classes_found, args.class_names = c, len(classes), classes
     on_cuda = str(args.device).startswith("cuda")
-    # The shuffle of epoch e is a function of (seed, e) alone, so a resumed run replays it exactly.
     # Under torchrun each process takes its own share of every epoch; --batch_size is per process.
     rank, world_size = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-    sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, seed=args.seed, drop_last=True)
+    sampler = SeededSampler(dataset, num_replicas=world_size, rank=rank, seed=args.seed, drop_last=True)
     return DataLoader(
-        dataset,
+        Seeded(dataset, random=random_crops),
         batch_size=args.batch_size,
         sampler=sampler,
         drop_last=len(dataset) >= args.batch_size * world_size,  # equal-sized steps, unless the data is tiny
@@ -272,10 +341,29 @@ def close_loader(loader: DataLoader) -> None:
 
 # --------------------------------------------------------------------------- files
 
-def setup_logging(run_name: str) -> None:
-    """Create models/<run_name>, results/<run_name> and runs/<run_name>, and check they are writable."""
-    for top in ("models", "results", "runs"):
+RUN_FOLDERS = ("models", "results", "runs")  # checkpoints, sample grids, TensorBoard events
+
+
+def check_new_run(run_name: str, overwrite: bool) -> None:
+    """Refuse to start a run over an earlier one's files, unless `overwrite` (then setup_logging deletes them)."""
+    used = [f"{top}/{run_name}" for top in RUN_FOLDERS
+            if (Path(top) / run_name).is_dir() and any(p.is_file() for p in (Path(top) / run_name).rglob("*"))]
+    if not used or overwrite:
+        return
+    resumable = (Path("models") / run_name / "resume.pt").is_file()
+    raise UserError(f"{' and '.join(used)} already hold{'s' if len(used) == 1 else ''} a run: "
+                    + ("continue it with --resume, " if resumable else "")
+                    + f"choose another --run_name, or pass --overwrite to delete {'it' if len(used) == 1 else 'them'}"
+                    " and start again")
+
+
+def setup_logging(run_name: str, overwrite: bool = False) -> None:
+    """Create models/<run_name>, results/<run_name> and runs/<run_name> (emptied first if `overwrite`),
+    and check they are writable."""
+    for top in RUN_FOLDERS:
         folder = Path(top) / run_name
+        if overwrite and folder.is_dir():
+            shutil.rmtree(folder)
         try:
             folder.mkdir(parents=True, exist_ok=True)
             with tempfile.TemporaryFile(dir=folder):

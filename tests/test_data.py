@@ -45,7 +45,7 @@ def test_class_folders(tmp_path):
     images, labels = next(iter(loader))
     assert images.shape == (4, 3, 16, 16) and -1 <= images.min() and images.max() <= 1
     assert args.class_names == ["cats", "dogs"] and args.num_classes_found == 2 and args.c_in == 3
-    assert sorted(label for _, label in loader.dataset) == [0] * 5 + [1] * 3
+    assert sorted(label for _, label in loader.dataset.dataset) == [0] * 5 + [1] * 3
 
 
 def test_flat_folder_of_grayscale_images(tmp_path):
@@ -64,12 +64,40 @@ def test_rgba_and_channel_override(tmp_path):
     assert next(iter(get_data(args)))[0].shape[1] == 3
 
 
-def test_limit_uses_the_first_images(tmp_path):
-    write_images(tmp_path, 10)
-    assert len(get_data(data_args(dataset_path=str(tmp_path), limit=4)).dataset) == 4
-    limited = get_data(data_args(limit=100)).dataset
-    assert len(limited) == 100
-    assert len({int(label) for _, label in limited}) == 10  # a mix of every class, not the first class only
+def test_limit_keeps_every_class_in_proportion(tmp_path):
+    write_images(tmp_path / "big", 30)
+    write_images(tmp_path / "small", 10, seed=1)
+    limited = get_data(data_args(dataset_path=str(tmp_path), limit=8)).dataset.dataset
+    assert sorted(label for _, label in limited) == [0] * 6 + [1] * 2  # 3:1, as in the folder
+    digits = get_data(data_args(limit=100)).dataset.dataset
+    assert torch.bincount(torch.stack([label for _, label in digits])).tolist() == [10] * 10
+    assert len(get_data(data_args(dataset_path=str(tmp_path), limit=1000)).dataset) == 40
+
+
+def test_random_crops_depend_on_epoch_and_image_only(tmp_path):
+    """Each image's crop is a function of (seed, epoch, image): the same with or without worker processes."""
+    write_images(tmp_path, 8, size=40)
+
+    def epoch_images(workers, epoch):
+        loader = get_data(data_args(dataset_path=str(tmp_path), num_workers=workers, batch_size=4))
+        loader.sampler.set_epoch(epoch)
+        torch.manual_seed(epoch + 10 * workers)  # the training process's stream plays no part
+        return torch.cat([images for images, _ in loader])
+
+    inline = epoch_images(0, 0)
+    assert torch.equal(inline, epoch_images(2, 0))
+    assert not torch.equal(inline.sort(0).values, epoch_images(0, 1).sort(0).values)  # new crops each epoch
+
+
+def test_a_mid_epoch_start_skips_without_loading(tmp_path):
+    write_images(tmp_path, 8, size=40)
+    loader = get_data(data_args(dataset_path=str(tmp_path), batch_size=2))
+    whole = list(loader)
+    loader.sampler.start = 2 * 2
+    rest = list(loader)
+    assert len(loader) == 4 and len(rest) == 2
+    for a, b in zip(whole[2:], rest):
+        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
 
 
 def test_worker_processes_load_a_folder(tmp_path):

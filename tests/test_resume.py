@@ -1,5 +1,6 @@
 """Faults: kill -9, Ctrl-C, NaN, broken images, unwritable folders, malicious checkpoints."""
 import json
+import math
 import os
 import random
 import signal
@@ -200,3 +201,89 @@ def test_a_malicious_resume_file_never_runs(in_tmp, capsys):
         run_main(lambda: train(["--resume"]))
     assert "resume.pt' is not a readable checkpoint" in capsys.readouterr().err
     assert not Payload.marker.exists()
+
+
+def test_a_second_start_never_overwrites_a_run(in_tmp, capsys):
+    train(["--epochs", "1"])
+    first = weights(in_tmp, "ckpt.pt")
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        run_main(lambda: train(["--epochs", "2"]))
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1
+    assert "models/r and runs/r already hold a run" in err
+    assert "--resume" in err and "--run_name" in err and "--overwrite" in err
+    assert_same_weights(weights(in_tmp, "ckpt.pt"), first)
+    (in_tmp / "results" / "r" / "stale.jpg").write_bytes(b"an old grid")
+    train(["--epochs", "1", "--overwrite", "--seed", "1"])
+    assert not (in_tmp / "results" / "r" / "stale.jpg").exists()
+    assert len(list((in_tmp / "runs" / "r").iterdir())) == 1  # one event file: the new run's
+    assert not torch.equal(weights(in_tmp, "ckpt.pt")["outc.weight"], first["outc.weight"])
+    with pytest.raises(SystemExit):
+        run_main(lambda: train(["--resume", "--overwrite"]))
+    assert "give one of them" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("first, then", [("fp32", "fp16"), ("bf16", "fp16"), ("fp16", "fp32"), ("fp16", "fp16")])
+def test_resume_under_any_precision(in_tmp, first, then):
+    train(["--epochs", "1", "--precision", first])
+    train(["--epochs", "2", "--resume", "--precision", then])
+    state = weights(in_tmp, "resume.pt")
+    assert state["epoch"] == 2 and state["args"]["precision"] == then
+    assert bool(state["scaler"]) == (then == "fp16")  # the GradScaler runs exactly when training in fp16
+    assert all(torch.isfinite(v).all() for v in weights(in_tmp, "ckpt.pt").values())
+
+
+def test_resume_refuses_another_world_size_with_the_right_command(in_tmp, monkeypatch, capsys):
+    train(["--epochs", "1"])
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(SystemExit):
+        run_main(lambda: train(["--epochs", "2", "--resume"]))
+    err = capsys.readouterr().err
+    assert "trained by 1 process(es), this is 2" in err
+    assert "python ddpm_conditional.py --resume --run_name r" in err
+    state = weights(in_tmp, "resume.pt")
+    state["args"]["world_size"] = 4
+    torch.save(state, in_tmp / "models" / "r" / "resume.pt")
+    monkeypatch.delenv("WORLD_SIZE")
+    with pytest.raises(SystemExit):
+        run_main(lambda: train(["--epochs", "2", "--resume"]))
+    assert "torchrun --nproc_per_node 4 ddpm_conditional.py --resume --run_name r" in capsys.readouterr().err
+
+
+def test_more_epochs_on_a_cosine_run_span_the_schedule_over_the_new_total(in_tmp, capsys):
+    cosine = ["--lr_schedule", "cosine", "--warmup", "0", "--lr", "1e-3"]
+    train(["--epochs", "2", *cosine])
+    assert weights(in_tmp, "resume.pt")["optimizer"]["param_groups"][0]["lr"] == pytest.approx(0, abs=1e-12)
+    capsys.readouterr()
+    train(["--epochs", "4", "--resume", *cosine])
+    assert "the cosine schedule now ends at epoch 4, not 2: the learning rate goes from 0 to 0.5 x --lr" in \
+        capsys.readouterr().out
+    # 16 steps in all: lr(step) = 1e-3 * cos-decay(step / 16), ending at 0
+    assert weights(in_tmp, "resume.pt")["optimizer"]["param_groups"][0]["lr"] == pytest.approx(0, abs=1e-12)
+    args = ddpm_conditional.parse_args([*TINY, *RUN, "--epochs", "4", *cosine])
+    assert ddpm.lr_factor(12, args, 16) == pytest.approx(0.5 * (1 + math.cos(math.pi * 12 / 16)))
+
+
+def test_folder_run_resumed_at_an_epoch_end_sees_the_same_random_crops(tmp_path, monkeypatch):
+    """Worker processes crop at random; a resumed run gets the crops of an uninterrupted one."""
+    write_images(tmp_path / "data" / "a", 6, size=40)
+    write_images(tmp_path / "data" / "b", 6, size=40, seed=1)
+    folder = ["--dataset_path", str(tmp_path / "data"), "--width", "8", "--image_size", "16", "--batch_size", "4",
+              "--noise_steps", "50", "--sample_every", "0", "--ema_start", "2", "--run_name", "r"]
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+    monkeypatch.chdir(tmp_path / "a")
+    ddpm_conditional.main([*folder, "--epochs", "3"])
+    monkeypatch.chdir(tmp_path / "b")
+    ddpm_conditional.main([*folder, "--epochs", "2"])
+    ddpm_conditional.main([*folder, "--epochs", "3", "--resume"])
+    for name in ("ckpt.pt", "ema_ckpt.pt"):
+        assert_same_weights(weights(tmp_path / "a", name), weights(tmp_path / "b", name))
+
+
+def test_flags_given_once_can_be_turned_off_on_resume(in_tmp):
+    train(["--epochs", "1", "--skip_bad_images"])
+    assert ddpm_conditional.parse_args([*RUN, "--resume"]).skip_bad_images
+    args = ddpm_conditional.parse_args([*RUN, "--resume", "--no-skip_bad_images", "--no-compile"])
+    assert not args.skip_bad_images and not args.compile
