@@ -8,6 +8,7 @@ import math
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -217,7 +218,9 @@ class Trainer:
         self.epoch, self.batch = 0, 0      # where the next step starts
         self.logger = None                 # TensorBoard, opened by fit() on rank 0
         self.first_bad_step = torch.full((), -1, device=self.device)
-        self.stop_signal = None
+        self.stop_signal, self.stop_time = None, 0.0
+        # Stop requests are shared over a CPU (gloo) group: checking one every step costs no device sync.
+        self.stop_group = dist.new_group(backend="gloo") if self.world_size > 1 else None
         self.folder = Path("models") / args.run_name
         if self.is_main and not args.resume:
             save_json(self.run_config(), self.folder / "run.json")
@@ -414,7 +417,8 @@ class Trainer:
                                        labels.to(self.device, non_blocking=True))
             count += 1
             self.batch = i + 1
-            log = count == a.log_every or i == steps - 1 or (self.stop_signal is not None and self.world_size == 1)
+            stop = self.stop_requested()
+            log = count == a.log_every or i == steps - 1 or stop
             if log:
                 mse = running.item() / count  # the only host sync, once per log_every steps
                 self.check_finite()
@@ -424,7 +428,7 @@ class Trainer:
                 running, count = torch.zeros((), device=self.device), 0
             if a.save_every and self.step % a.save_every == 0 and i < steps - 1:
                 self.save()
-            if log and self.stop_requested():
+            if stop:
                 self.save()
                 signum = self.stop_signal or signal.SIGTERM
                 if self.is_main:
@@ -433,19 +437,29 @@ class Trainer:
                 sys.exit(128 + signum)
 
     def stop_requested(self) -> bool:
-        """Whether any process got Ctrl-C / SIGTERM (all processes agree, at the same step)."""
-        stop = torch.tensor(float(self.stop_signal is not None), device=self.device)
+        """Whether any process got Ctrl-C / SIGTERM. Asked after every step, so that a stop is saved
+        within one step (torchrun gives its workers 30 s); under torchrun all processes agree through
+        a CPU-side group, which costs no device sync."""
+        stop = torch.tensor(float(self.stop_signal is not None))
         if self.world_size > 1:
-            dist.all_reduce(stop, op=dist.ReduceOp.MAX)
+            dist.all_reduce(stop, op=dist.ReduceOp.MAX, group=self.stop_group)
         return bool(stop)
 
     def request_stop(self, signum, frame) -> None:
-        """First Ctrl-C / SIGTERM: finish the step, save, exit. Second: exit at once (checkpoints stay intact)."""
+        """First Ctrl-C / SIGTERM: finish the step, save, exit. Another one more than SIGNAL_ECHO seconds
+        later: exit at once (checkpoints stay intact). Sooner, it is the same request again: a job
+        scheduler signals every process and torchrun forwards its own signal on top."""
         if self.stop_signal is not None:
-            raise KeyboardInterrupt
-        self.stop_signal = signum
-        print(f"\n{signal.Signals(signum).name}: finishing this step and saving (again to quit at once)",
+            if time.monotonic() - self.stop_time > SIGNAL_ECHO:
+                raise KeyboardInterrupt
+            return
+        self.stop_signal, self.stop_time = signum, time.monotonic()
+        print(f"\n{signal.Signals(signum).name}: finishing this step and saving (again after "
+              f"{SIGNAL_ECHO:g} s to quit at once)",
               file=sys.stderr)
+
+
+SIGNAL_ECHO = 5.0  # seconds within which a second stop signal counts as the first one again
 
 
 def resume_command(args: argparse.Namespace, world_size: int) -> str:

@@ -1,8 +1,10 @@
 """torch.distributed on the CPU: 2 processes with gloo."""
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 
 import torch
 import torch.multiprocessing as mp
@@ -42,7 +44,8 @@ def run_steps(rank: int, world_size: int, folder: str, port: int) -> None:
     eps_all = torch.randn(STEPS, GLOBAL_BATCH, 1, 16, 16, generator=g)
     share = slice(rank * GLOBAL_BATCH // world_size, (rank + 1) * GLOBAL_BATCH // world_size)
 
-    args = ddpm.parse_args(ddpm.build_parser(), [*TINY, "--batch_size", str(GLOBAL_BATCH // world_size)])
+    args = ddpm.parse_args(ddpm.build_parser(), [*TINY, "--batch_size", str(GLOBAL_BATCH // world_size),
+                                                  "--run_name", f"world{world_size}"])
     args.c_in, args.num_classes_found, args.class_names = 1, 1, ["x"]
     loader = DataLoader(TensorDataset(images[0, share], torch.zeros(GLOBAL_BATCH // world_size)))
     trainer = ddpm.Trainer(args, loader=loader)
@@ -90,3 +93,31 @@ def test_torchrun_writes_one_plain_checkpoint_and_resumes(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count("resuming ddp at epoch 2, step 8") == 1
     assert torch.load(run / "resume.pt", weights_only=True)["step"] == 12
+
+
+def test_a_schedulers_sigterm_under_torchrun_saves_and_prints_the_torchrun_command(tmp_path):
+    """SLURM signals every process, and torchrun forwards its own SIGTERM on top: one request, one save.
+
+    --log_every is far beyond the run, so only the per-step stop check can catch the signal in time."""
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                             "--master_port", str(free_port()), str(ROOT / "ddpm_conditional.py"), *TINY,
+                             "--batch_size", "4", "--run_name", "ddp", "--epochs", "1000", "--save_every", "1",
+                             "--log_every", "100000"],
+                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    resume = tmp_path / "models" / "ddp" / "resume.pt"
+    deadline = time.monotonic() + 120
+    while not resume.exists():
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1][-3000:]
+        time.sleep(0.1)
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        _, err = proc.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise
+    assert "SIGTERM: stopped at epoch" in err, err[-3000:]
+    assert "Resume with: torchrun --nproc_per_node 2 ddpm_conditional.py --resume --run_name ddp" in err
+    state = torch.load(resume, weights_only=True)
+    assert 0 < state["step"] < 1000 * 4 and len(state["rng"]) == 2  # each rank's random stream
+    assert not torch.equal(state["rng"][0]["cpu"], state["rng"][1]["cpu"])
