@@ -21,9 +21,10 @@ from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 from modules import UNet
-from utils import (SeededSampler, UserError, autocast_dtype, barrier, check_new_run, close_loader, gather, get_data,
-                   init_distributed, load_checkpoint, make_grid, pick_device, run_main, save_checkpoint, save_images,
-                   save_json, seed_everything, setup_logging)
+from utils import (HelpFormatter, SeededSampler, UserError, add_runtime_args, autocast, autocast_dtype, barrier,
+                   check_new_run, close_loader, gather, get_data, init_distributed, load_checkpoint, make_grid,
+                   pick_device, run_main, save_checkpoint, save_images, save_json, seed_everything, setup_logging,
+                   square_nrow)
 
 
 class Diffusion:
@@ -49,12 +50,17 @@ class Diffusion:
     def prepare_noise_schedule(self) -> torch.Tensor:
         """beta_t: linear from beta_start to beta_end (Ho et al. 2020, section 4), or cosine.
 
+        For T other than 1000 the linear betas are scaled by 1000/T (Nichol & Dhariwal 2021's
+        improved-diffusion does the same), capped at 0.999: alpha_hat at T-1 is then 2e-5 to 4e-5 for
+        any T >= 100, where unscaled betas at T = 100 would leave 0.36 of the image in the "pure noise".
+
         The cosine schedule (Nichol & Dhariwal 2021, eq. 17) sets alpha_hat_t = f(t) / f(0) with
         f(t) = cos^2((t/T + s) / (1 + s) * pi/2), s = 0.008, and beta_t = 1 - alpha_hat_t / alpha_hat_{t-1},
         clipped at 0.999.
         """
-        if self.schedule == "linear":
-            return torch.linspace(self.beta_start, self.beta_end, self.noise_steps)
+        if self.schedule == "linear":  # beta_start and beta_end are T = 1000's values; other T scale them
+            scale = 1000 / self.noise_steps
+            return torch.linspace(self.beta_start * scale, self.beta_end * scale, self.noise_steps).clamp(max=0.999)
         s = 0.008
         f = torch.cos((torch.arange(self.noise_steps + 1, dtype=torch.float64) / self.noise_steps + s) / (1 + s)
                       * math.pi / 2) ** 2
@@ -251,7 +257,7 @@ class Trainer:
                                     schedule=a.schedule)
 
     def autocast(self):
-        return torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None)
+        return autocast(self.device, self.amp_dtype)
 
     def loss(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """|| eps - eps_theta(x_t, t) ||^2 at a random t."""
@@ -364,7 +370,7 @@ class Trainer:
             self.logger.add_image(f"samples{suffix}", make_grid(images, nrow), epoch)
 
     def grid_nrow(self, images: torch.Tensor) -> int:
-        return max(1, round(math.sqrt(images.shape[0])))
+        return square_nrow(images.shape[0])
 
     def fit(self) -> None:
         a = self.args
@@ -501,7 +507,7 @@ def build_parser(description: str = "Train an unconditional DDPM.", run_name: st
     def recipe(key):
         return f"(default: {recipes['digits'][key]} for the embedded digits, {recipes['folder'][key]} for a folder)"
 
-    p = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=description, formatter_class=HelpFormatter)
     p.add_argument("--run_name", default=run_name, help="names the folders under models/, results/ and runs/")
     p.add_argument("--dataset_path", default=None,
                    help="a folder of images: one sub-folder per class, or a flat folder; "
@@ -519,14 +525,14 @@ def build_parser(description: str = "Train an unconditional DDPM.", run_name: st
     p.add_argument("--lr_schedule", choices=["constant", "cosine"], default=None,
                    help=f"after warm-up {recipe('lr_schedule')}")
     p.add_argument("--weight_decay", type=float, default=0.01, help="AdamW weight decay")
-    p.add_argument("--noise_steps", type=int, default=1000, help="diffusion steps T")
+    p.add_argument("--noise_steps", type=int, default=1000,
+                   help="diffusion steps T; the linear betas scale by 1000/T (1e-4..0.02 at T = 1000, capped at "
+                        "0.999), so that any T ends at the same noise level")
     p.add_argument("--schedule", choices=["linear", "cosine"], default="linear",
                    help="noise schedule: linear (the original's) or cosine (Nichol & Dhariwal 2021)")
-    p.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps")
-    p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
-                   help="autocast precision; auto = bf16 where the hardware does it natively, else fp32")
-    p.add_argument("--seed", type=int, default=0, help="random seed")
-    p.add_argument("--limit", type=int, default=None, help="use only the first N images (smoke runs)")
+    add_runtime_args(p)
+    p.add_argument("--limit", type=int, default=None,
+                   help="use only N images, every class in proportion (smoke runs; default: all)")
     p.add_argument("--sample_every", type=int, default=None,
                    help=f"epochs between sample grids, 0 = never; the last epoch always gets one {recipe('sample_every')}")
     p.add_argument("--n_samples", type=int, default=16, help="images in each sample grid (conditional: per class)")
@@ -557,8 +563,8 @@ def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None = None, r
             setattr(args, key, value)
     if args.image_size < 8 or args.image_size % 8:
         raise UserError(f"--image_size {args.image_size} must be a positive multiple of 8 (the UNet halves it 3 times)")
-    for name in ("batch_size", "epochs", "width", "noise_steps", "sample_steps"):
-        if getattr(args, name) < 1:
+    for name in ("batch_size", "epochs", "width", "noise_steps", "sample_steps", "limit"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             raise UserError(f"--{name} must be at least 1, got {getattr(args, name)}")
     if args.width % 4:
         raise UserError(f"--width {args.width} must be a multiple of 4 (4 attention heads)")

@@ -15,6 +15,17 @@ from modules import EMA, UNet_conditional
 from utils import UserError, run_main
 
 
+CFG_SCALE = 3.0  # the original's guidance scale
+
+
+def add_guidance_args(p: argparse.ArgumentParser) -> None:
+    """--cfg_scale and --guidance_interval, as every script that samples a conditional model takes them."""
+    p.add_argument("--cfg_scale", type=float, default=None,
+                   help=f"classifier-free guidance scale: 1 = none, <= 0 treated as 1 (default: {CFG_SCALE:g})")
+    p.add_argument("--guidance_interval", type=int, nargs=2, default=None, metavar=("LO", "HI"),
+                   help="guide only at timesteps LO..HI, plain conditional elsewhere (default: every step)")
+
+
 def check_guidance_interval(interval: tuple[int, int] | None, noise_steps: int) -> None:
     """ValueError unless interval is None or timesteps (lo, hi) with 0 <= lo <= hi < noise_steps."""
     if interval is not None and not 0 <= interval[0] <= interval[1] < noise_steps:
@@ -48,14 +59,16 @@ class Diffusion(ddpm.Diffusion):
 
     def sample(self, model: nn.Module, n: int, labels: torch.Tensor, cfg_scale: float = 3,
                guidance_interval: tuple[int, int] | None = None, **kwargs) -> torch.Tensor:
-        """n images of the classes `labels` (n of them); see ddpm.Diffusion.sample for the sampler options."""
+        """n images of the classes `labels` (n of them; -1 samples the unconditional model that label
+        dropout trained); see ddpm.Diffusion.sample for the sampler options."""
         check_guidance_interval(guidance_interval, self.noise_steps)
         num_classes = getattr(model, "module", model).num_classes
         labels = torch.as_tensor(labels, dtype=torch.long, device=next(model.parameters()).device).reshape(-1)
         if labels.numel() != n:
             raise ValueError(f"got {labels.numel()} labels for n={n} images: give one label per image")
-        if labels.numel() and (labels.min() < 0 or labels.max() >= num_classes):
-            raise ValueError(f"labels must be in [0, {num_classes}) for this model, got {labels.tolist()}")
+        if labels.numel() and (labels.min() < -1 or labels.max() >= num_classes):
+            raise ValueError(f"labels must be classes 0..{num_classes - 1}, or -1 for none (the unconditional "
+                             f"model), got {labels.tolist()}")
         return super().sample(model, n, labels=labels, cfg_scale=cfg_scale, guidance_interval=guidance_interval,
                               **kwargs)
 
@@ -124,9 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = ddpm.build_parser("Train a class-conditional DDPM with classifier-free guidance.", "DDPM_conditional", RECIPES)
     p.set_defaults(n_samples=8)
     p.add_argument("--num_classes", type=int, default=None, help="number of classes (default: from the data)")
-    p.add_argument("--cfg_scale", type=float, default=3.0, help="guidance scale of the sample grids (1 = none)")
-    p.add_argument("--guidance_interval", type=int, nargs=2, default=None, metavar=("LO", "HI"),
-                   help="the grids guide only at timesteps LO..HI (default: every step)")
+    add_guidance_args(p)  # of the sample grids
     p.add_argument("--label_drop", type=float, default=0.1, help="probability that a sample's label is dropped")
     p.add_argument("--ema_beta", type=float, default=0.995, help="EMA decay per step")
     p.add_argument("--ema_start", type=int, default=2000, help="steps during which the EMA only copies the model")
@@ -135,6 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = ddpm.parse_args(build_parser(), argv, RECIPES)
+    args.cfg_scale = CFG_SCALE if args.cfg_scale is None else args.cfg_scale
     if not 0 <= args.label_drop < 1:
         raise UserError(f"--label_drop must be in [0, 1), got {args.label_drop}")
     if not 0 <= args.ema_beta < 1:

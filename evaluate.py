@@ -24,10 +24,11 @@ import torch.nn.functional as F
 import torchvision.transforms as T
 from tqdm import tqdm
 
-from ddpm_conditional import check_guidance_interval
+from ddpm_conditional import CFG_SCALE, add_guidance_args, check_guidance_interval
 from sample import full_chain, load
-from utils import (ImageFiles, UserError, autocast_dtype, digits_to_model_range, image_files, load_checkpoint,
-                   load_digits, run_main, save_checkpoint, save_images, save_json, seed_everything, update_readme_block)
+from utils import (HelpFormatter, ImageFiles, UserError, add_runtime_args, autocast, autocast_dtype,
+                   digits_to_model_range, image_files, load_checkpoint, load_digits, run_main, save_checkpoint,
+                   save_images, save_json, seed_everything, update_readme_block)
 
 CFG_SWEEP = [0, 1, 2, 3, 4, 5, 6, 7]
 STEPS_SWEEP = [("ddim", 10), ("ddim", 20), ("ddim", 50), ("ddim", 100),
@@ -168,8 +169,8 @@ def kernel_inception_distance(a: torch.Tensor, b: torch.Tensor, subsets: int = 2
 
 def nearest_distances(queries: torch.Tensor, reference: torch.Tensor, batch: int = 256) -> torch.Tensor:
     """Pixel-space L2 distance from each query image to its nearest reference image (both uint8)."""
-    ref = reference.flatten(1).float() / 255
-    return torch.cat([torch.cdist(queries[i:i + batch].flatten(1).float() / 255, ref).min(1).values
+    ref = reference.flatten(1).double() / 255  # float64: fp32's matmul-based distances err by ~1e-2
+    return torch.cat([torch.cdist(queries[i:i + batch].flatten(1).double() / 255, ref).min(1).values.float()
                       for i in range(0, len(queries), batch)])
 
 
@@ -237,12 +238,12 @@ def generate(model, diffusion, n: int, labels: torch.Tensor | None, cfg_scale: f
     out, start = [], time.perf_counter()
     for i in tqdm(range(0, n, batch), desc=f"sampling {sampler}-{steps or 'all'} cfg {cfg_scale}", leave=False):
         k = min(batch, n - i)
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+        with autocast(device, dtype):
             if labels is None:
                 x = diffusion.sample(model, k, sampler=sampler, steps=steps, progress=False)
             else:
-                x = diffusion.sample(model, k, labels[i:i + k], cfg_scale, guidance_interval, sampler=sampler,
-                                     steps=steps, progress=False)
+                x = diffusion.sample(model, k, labels[i:i + k], 1 if cfg_scale is None else cfg_scale,
+                                     guidance_interval, sampler=sampler, steps=steps, progress=False)
         out.append(x.cpu())
     return torch.cat(out), (time.perf_counter() - start) / n
 
@@ -275,7 +276,14 @@ def evaluate(args: argparse.Namespace) -> dict:
         raise UserError(f"'{run_dir}' has no run.json: give a run folder written by ddpm.py or ddpm_conditional.py")
     config = json.loads(config_path.read_text())
     model, diffusion = load(run_dir, device=args.device)
-    conditional = hasattr(model, "num_classes")
+    has_labels = hasattr(model, "num_classes")
+    if args.unconditional and not has_labels:
+        raise UserError(f"{run_dir} is an unconditional run already: drop --unconditional")
+    conditional = has_labels and not args.unconditional  # samples asked for a class, scored by accuracy
+    given = [f"--{k}" for k in ("cfg_scale", "guidance_interval") if getattr(args, k) is not None]
+    if given and not conditional:
+        raise UserError(f"{', '.join(given)} guide a class-conditional model towards a class: "
+                        f"{'--unconditional asks for none' if has_labels else f'{run_dir} is unconditional'}")
     try:
         check_guidance_interval(args.guidance_interval, diffusion.noise_steps)
     except ValueError as e:
@@ -292,8 +300,8 @@ def evaluate(args: argparse.Namespace) -> dict:
     floor = {"fd": frechet_distance(train_feats, held_feats), "kid": kernel_inception_distance(train_feats, held_feats)}
 
     steps = full_chain(args.steps, args.sampler, diffusion)
-    cfg_scale = args.cfg_scale if conditional else None  # guidance needs labels
-    interval = args.guidance_interval if conditional else None
+    cfg_scale = (CFG_SCALE if args.cfg_scale is None else args.cfg_scale) if conditional else None
+    interval = args.guidance_interval
     settings = [dict(sampler=args.sampler, steps=steps, cfg_scale=cfg_scale)]
     if args.sweep in ("cfg", "all") and conditional:
         settings += [dict(sampler=args.sampler, steps=steps, cfg_scale=float(c)) for c in CFG_SWEEP]
@@ -303,6 +311,7 @@ def evaluate(args: argparse.Namespace) -> dict:
     unique = list({setting_name(s): s for s in settings}.values())
 
     labels = torch.arange(model.num_classes).repeat(math.ceil(args.n / model.num_classes))[:args.n] if conditional else None
+    asked = torch.full((args.n,), -1) if args.unconditional else labels  # -1: no label
     denoisers = {"model": model}
     if args.exact:
         device = next(model.parameters()).device
@@ -313,7 +322,7 @@ def evaluate(args: argparse.Namespace) -> dict:
         for s in unique:
             s = {**s, "denoiser": denoiser}
             seed_everything(args.seed)
-            samples, seconds = generate(net, diffusion, args.n, labels, s["cfg_scale"], s["sampler"], s["steps"],
+            samples, seconds = generate(net, diffusion, args.n, asked, s["cfg_scale"], s["sampler"], s["steps"],
                                         args.precision, s["guidance_interval"])
             results.append({**s, **score(samples, labels, judge, real, len(classes)), "seconds_per_image": seconds})
             per_row = model.num_classes if conditional else 10
@@ -321,7 +330,7 @@ def evaluate(args: argparse.Namespace) -> dict:
             print(format_row(results[-1], conditional), flush=True)
 
     report = {"run": str(run_dir), "n": args.n, "judge_accuracy_held_out": judge_accuracy, "floor": floor,
-              "results": results, "inception_fid": inception_fid(args, model, diffusion, labels, x_held)}
+              "results": results, "inception_fid": inception_fid(args, model, diffusion, asked, cfg_scale, x_held)}
     out_dir = Path("results") / run_dir.name
     out_dir.mkdir(parents=True, exist_ok=True)
     save_json(report, out_dir / "eval.json")
@@ -344,7 +353,7 @@ def sorted_by_label(images: torch.Tensor, conditional: bool, model) -> torch.Ten
     return images.view(-1, k, *images.shape[1:]).transpose(0, 1).reshape(-1, *images.shape[1:])
 
 
-def inception_fid(args, model, diffusion, labels, x_held) -> str | float:
+def inception_fid(args, model, diffusion, labels, cfg_scale, x_held) -> str | float:
     if not args.inception_weights:
         return "off: pass --inception_weights PATH (a local Inception v3 FID weights file) for standard FID"
     path = Path(args.inception_weights)
@@ -357,7 +366,7 @@ def inception_fid(args, model, diffusion, labels, x_held) -> str | float:
     fid = FrechetInceptionDistance(feature=2048, feature_extractor_weights_path=str(path))
     rgb = lambda x: x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x[:, :3]
     seed_everything(args.seed)
-    samples, _ = generate(model, diffusion, args.n, labels, args.cfg_scale, args.sampler,
+    samples, _ = generate(model, diffusion, args.n, labels, cfg_scale, args.sampler,
                           full_chain(args.steps, args.sampler, diffusion), args.precision, args.guidance_interval)
     fid.update(rgb(x_held), real=True)
     fid.update(rgb(samples), real=False)
@@ -483,24 +492,21 @@ def write_readme(readme: Path, report: dict, conditional: bool, out_dir: Path) -
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="Evaluate a run's samples offline.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description="Evaluate a run's samples offline.", formatter_class=HelpFormatter)
     p.add_argument("--run", required=True, help="a run folder (models/<run_name>)")
     p.add_argument("--n", type=int, default=1000, help="samples per setting")
     p.add_argument("--sampler", choices=["ddpm", "ddim"], default="ddim", help="sampler of the main setting")
     p.add_argument("--steps", type=int, default=50, help="sampler steps of the main setting; 0 = every step")
-    p.add_argument("--cfg_scale", type=float, default=3.0, help="guidance scale of the main setting")
-    p.add_argument("--guidance_interval", type=int, nargs=2, default=None, metavar=("LO", "HI"),
-                   help="guide only at timesteps LO..HI, plain conditional elsewhere (default: every step)")
+    add_guidance_args(p)  # of every setting but the cfg sweep's scales
+    p.add_argument("--unconditional", action="store_true",
+                   help="conditional runs: score the unconditional model that label dropout trained (label -1)")
     p.add_argument("--sweep", choices=["none", "cfg", "steps", "all"], default="none",
                    help="cfg: guidance scales 0..7; steps: DDIM and DDPM at 10..100 steps and DDPM-999")
     p.add_argument("--exact", action="store_true",
                    help="also score the exact denoiser of the training set at every setting (a model without error)")
     p.add_argument("--inception_weights", default=None, help="a local Inception v3 weights file for standard FID")
     p.add_argument("--readme", default=None, help="rewrite this README's Results block with the report")
-    p.add_argument("--seed", type=int, default=0, help="random seed of every setting")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
-    p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto", help="sampling precision")
+    add_runtime_args(p)
     p.add_argument("--judge_epochs", type=int, default=15, help="training epochs of the judge (cached in the run)")
     return p
 

@@ -17,8 +17,10 @@ import torch.nn as nn
 
 import ddpm
 import ddpm_conditional
+from ddpm_conditional import CFG_SCALE, add_guidance_args
 from modules import UNet, UNet_conditional
-from utils import UserError, autocast_dtype, load_checkpoint, pick_device, run_main, save_images, seed_everything
+from utils import (HelpFormatter, UserError, add_runtime_args, autocast, autocast_dtype, load_checkpoint, pick_device,
+                   run_main, save_images, seed_everything, square_nrow)
 
 
 def architecture_of(state: dict) -> dict:
@@ -85,50 +87,49 @@ def full_chain(steps: int, sampler: str, diffusion: ddpm.Diffusion) -> int | Non
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description="Sample images from a trained run.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description="Sample images from a trained run.", formatter_class=HelpFormatter)
     p.add_argument("--run", required=True, help="a run folder (models/<run_name>) or a checkpoint file")
     p.add_argument("--labels", type=int, nargs="*", default=None,
-                   help="conditional runs: one grid row per label (default: every class)")
+                   help="conditional runs: one grid row per label, -1 for the unconditional model (default: every "
+                        "class)")
     p.add_argument("--n", type=int, default=8, help="images per label (unconditional: images in all)")
-    p.add_argument("--cfg_scale", type=float, default=3.0, help="guidance scale (1 = none)")
-    p.add_argument("--guidance_interval", type=int, nargs=2, default=None, metavar=("LO", "HI"),
-                   help="guide only at timesteps LO..HI, plain conditional elsewhere (default: every step)")
+    add_guidance_args(p)
     p.add_argument("--sampler", choices=["ddpm", "ddim"], default="ddim", help="ddim: Song et al. (eta 0: deterministic); ddpm: ancestral")
     p.add_argument("--steps", type=int, default=50, help="sampler steps; 0 = every step (the original's chain)")
-    p.add_argument("--eta", type=float, default=0.0, help="DDIM noise: 0 deterministic, 1 like DDPM")
+    p.add_argument("--eta", type=float, default=None, help="DDIM noise: 0 deterministic, 1 like DDPM (default: 0)")
     p.add_argument("--no_ema", action="store_true", help="use ckpt.pt even when ema_ckpt.pt exists")
     p.add_argument("--img_size", type=int, default=None, help="image size of a bare checkpoint without run.json")
-    p.add_argument("--seed", type=int, default=0, help="random seed: the same seed gives the same images")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
-    p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto", help="autocast precision")
+    add_runtime_args(p)
     p.add_argument("--out", default="samples.png", help="the grid image")
     p.add_argument("--out_dir", default=None, help="also write every image as its own PNG here")
     args = p.parse_args(argv)
     if args.n < 1:
         raise UserError(f"--n must be at least 1, got {args.n}")
+    if args.eta is not None and args.sampler != "ddim":
+        raise UserError("--eta is the ddim sampler's noise: drop it, or use --sampler ddim")
 
     model, diffusion = load(args.run, ema=not args.no_ema, device=args.device, img_size=args.img_size)
+    conditional = isinstance(model, UNet_conditional)
+    given = [f"--{k}" for k in ("labels", "cfg_scale", "guidance_interval") if getattr(args, k) is not None]
+    if given and not conditional:
+        raise UserError(f"{args.run} is an unconditional run: {', '.join(given)} need a class-conditional one")
     device = next(model.parameters()).device
     seed_everything(args.seed)
-    kwargs = dict(sampler=args.sampler, steps=full_chain(args.steps, args.sampler, diffusion), eta=args.eta)
-    dtype = autocast_dtype(args.precision, device)
-    with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-        if isinstance(model, UNet_conditional):
-            classes = list(range(model.num_classes)) if args.labels is None else args.labels
-            labels = torch.tensor(classes).repeat_interleave(args.n)
-            try:
-                images = diffusion.sample(model, len(labels), labels, args.cfg_scale, args.guidance_interval,
-                                          **kwargs)
-            except ValueError as e:
-                raise UserError(str(e))
-            nrow = args.n
-            if model.class_names:
-                print("rows:", ", ".join(model.class_names[c] for c in classes))
-        else:
-            images = diffusion.sample(model, args.n, **kwargs)
-            nrow = max(1, round(args.n ** 0.5))
-    save_images(images, args.out, nrow=nrow)
+    kwargs = dict(sampler=args.sampler, steps=full_chain(args.steps, args.sampler, diffusion), eta=args.eta or 0.0)
+    with autocast(device, autocast_dtype(args.precision, device)):
+        try:
+            if conditional:
+                classes = list(range(model.num_classes)) if args.labels is None else args.labels
+                labels = torch.tensor(classes).repeat_interleave(args.n)
+                cfg_scale = CFG_SCALE if args.cfg_scale is None else args.cfg_scale
+                images = diffusion.sample(model, len(labels), labels, cfg_scale, args.guidance_interval, **kwargs)
+            else:
+                images = diffusion.sample(model, args.n, **kwargs)
+        except ValueError as e:
+            raise UserError(str(e))
+    if conditional and model.class_names:
+        print("rows:", ", ".join("(unconditional)" if c < 0 else model.class_names[c] for c in classes))
+    save_images(images, args.out, nrow=args.n if conditional else square_nrow(args.n))
     print(f"wrote {args.out}")
     if args.out_dir:
         out_dir = Path(args.out_dir)

@@ -1,6 +1,8 @@
 """Data loading, devices, logging, checkpoints and image saving for the training scripts."""
+import argparse
 import itertools
 import json
+import math
 import os
 import random
 import shutil
@@ -37,6 +39,24 @@ def run_main(main) -> None:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """--help with each flag's default, except where there is none to show: None (the help text says
+    what decides the value) and on/off switches."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default is None or isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
+            return action.help
+        return super()._get_help_string(action)
+
+
+def add_runtime_args(p: argparse.ArgumentParser) -> None:
+    """--device, --precision and --seed, as every script takes them."""
+    p.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps")
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
+                   help="autocast precision; auto = bf16 where the hardware does it natively, else fp32")
+    p.add_argument("--seed", type=int, default=0, help="random seed: the same seed gives the same results")
 
 
 # --------------------------------------------------------------------------- devices, seeds
@@ -85,6 +105,11 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
         print(f"warning: this CPU has no native {precision} arithmetic, so PyTorch emulates it, many times slower "
               f"than fp32; --precision auto picks {auto} here", file=sys.stderr)
     return dtype
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None):
+    """Mixed precision in `dtype` on `device`, or plain fp32 for None: the one place autocast is set up."""
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
 
 
 def init_distributed(device: torch.device) -> tuple[int, int, torch.device]:
@@ -424,6 +449,11 @@ def load_checkpoint(path: str | Path, map_location="cpu"):
     except Exception as e:
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"'{path}' is not a readable checkpoint ({reason})")
+
+
+def square_nrow(n: int) -> int:
+    """Images per row that make a grid of n about square."""
+    return max(1, round(math.sqrt(n)))
 
 
 def make_grid(images: torch.Tensor, nrow: int = 8) -> torch.Tensor:

@@ -82,7 +82,13 @@ def test_guidance_interval_guides_inside_and_predicts_conditionally_outside():
 def test_guidance_interval_in_sampling():
     model, d = CountingModel(tiny_model()), Diffusion(noise_steps=100, img_size=8, c_in=1)
     y, x_T = torch.tensor([2, 0]), torch.randn(2, 1, 8, 8)
-    sample = lambda **kw: d.sample(model, 2, y, cfg_scale=3, sampler="ddim", steps=6, noise=x_T, progress=False, **kw)
+
+    def sample(**kw):  # the chain's last x, before the clamp to [-1, 1] (an untrained model saturates)
+        trajectory = []
+        d.sample(model, 2, y, cfg_scale=3, sampler="ddim", steps=6, noise=x_T, progress=False,
+                 callback=lambda t, x: trajectory.append(x), **kw)
+        return trajectory[-1]
+
     everywhere = sample()
     assert torch.equal(sample(guidance_interval=(0, 99)), everywhere)  # the whole chain: the original's guidance
     model.batch_sizes.clear()
@@ -96,10 +102,28 @@ def test_guidance_interval_in_sampling():
 
 def test_labels_are_checked():
     model, d = tiny_model(), Diffusion(noise_steps=10, img_size=8, c_in=1)
-    with pytest.raises(ValueError, match=r"labels must be in \[0, 3\)"):
+    with pytest.raises(ValueError, match=r"labels must be classes 0..2, or -1 for none"):
         d.sample(model, 2, torch.tensor([0, 3]), progress=False)
+    with pytest.raises(ValueError, match=r"labels must be classes 0..2, or -1 for none"):
+        d.sample(model, 2, torch.tensor([0, -2]), progress=False)
     with pytest.raises(ValueError, match="one label per image"):
         d.sample(model, 3, torch.tensor([0, 1]), progress=False)
+
+
+def test_label_minus_one_samples_the_unconditional_model():
+    """-1 is the label dropout trains with: sampling it gives the unconditional model, guided or not."""
+    model, d = tiny_model(), Diffusion(noise_steps=100, img_size=8, c_in=1)
+    x_T = torch.randn(2, 1, 8, 8)
+    with torch.no_grad():
+        eps = d.predict_noise(model, x_T, torch.tensor([99, 99]), torch.tensor([-1, -1]), cfg_scale=3)
+        torch.testing.assert_close(eps, model(x_T, torch.tensor([99, 99])))
+    trajectories = []
+    for cfg_scale in (1, 3):
+        steps = []
+        d.sample(model, 2, [-1, -1], cfg_scale, sampler="ddim", steps=5, noise=x_T, progress=False,
+                 callback=lambda t, x: steps.append(x))
+        trajectories.append(steps[-1])
+    torch.testing.assert_close(*trajectories)
 
 
 def test_label_dropout_is_per_sample(in_tmp):
@@ -162,7 +186,8 @@ def test_grids_can_guide_in_an_interval(in_tmp):
     everywhere = ddpm_conditional.Trainer(ddpm_conditional.parse_args(args))
     torch.manual_seed(0)
     reference = everywhere.sample_grids()["_ema"]
-    interval = ddpm_conditional.Trainer(ddpm_conditional.parse_args([*args, "--guidance_interval", "50", "99"]))
+    interval = ddpm_conditional.Trainer(ddpm_conditional.parse_args([*args, "--guidance_interval", "50", "99",
+                                                                     "--run_name", "interval"]))
     interval.ema_model.load_state_dict(everywhere.ema_model.state_dict())
     torch.manual_seed(0)
     assert not torch.equal(interval.sample_grids()["_ema"], reference)

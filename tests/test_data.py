@@ -37,6 +37,11 @@ def test_embedded_digits_loader():
     assert (args.c_in, args.num_classes_found, args.class_names) == (1, 10, [str(i) for i in range(10)])
 
 
+def test_worker_processes_for_in_memory_digits_are_ignored_with_a_warning(capsys):
+    loader = get_data(data_args(num_workers=3))
+    assert loader.num_workers == 0 and "--num_workers is ignored for the embedded digits" in capsys.readouterr().err
+
+
 def test_class_folders(tmp_path):
     write_images(tmp_path / "cats", 5)
     write_images(tmp_path / "dogs", 3, seed=1)

@@ -55,7 +55,7 @@ class Recorder(torch.nn.Module):
 
 def test_one_reverse_step_by_hand():
     torch.manual_seed(0)
-    d = Diffusion(noise_steps=3, img_size=4, c_in=1, device="cpu")
+    d = Diffusion(noise_steps=3, beta_start=1e-5, beta_end=6e-4, img_size=4, c_in=1, device="cpu")  # betas to 0.2
     eps = torch.randn(2, 1, 4, 4)
     x_T = torch.randn(2, 1, 4, 4)
     model = Recorder(eps)
@@ -111,3 +111,13 @@ def test_original_readme_snippets_run_unchanged(tmp_path, monkeypatch):
     x = diffusion.sample(model, n, y, cfg_scale=3)
     plot_images(x)
     assert x.shape == (2, 3, 64, 64)
+
+
+@pytest.mark.parametrize("T", [100, 250, 1000, 4000])
+def test_linear_schedule_scales_to_any_number_of_steps(T):
+    """betas x 1000/T: every T ends at the same noise level (T = 1000 exactly the original's)."""
+    d = Diffusion(noise_steps=T, img_size=8)
+    assert d.beta[0].item() == pytest.approx(1e-4 * 1000 / T) and d.beta[-1].item() == pytest.approx(0.02 * 1000 / T)
+    assert 2e-5 <= d.alpha_hat[-1].item() <= 4.3e-5  # unscaled, T = 100 would end at 0.36
+    tiny = Diffusion(noise_steps=10, img_size=8)
+    assert tiny.beta.max().item() == pytest.approx(0.999) and tiny.alpha_hat[-1] < 1e-10  # capped, still usable

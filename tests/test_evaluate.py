@@ -53,7 +53,7 @@ def test_real_vs_real_is_near_the_floor_and_noise_is_far(digits_and_judge):
 def test_memorisation_check_flags_copies_of_training_images(digits_and_judge):
     x_train, _, x_held, *_ = digits_and_judge
     copies = evaluate.memorisation(x_train[:200], x_train, x_held)
-    assert copies["memorising"] and copies["nn_ratio"] == 0
+    assert copies["memorising"] and copies["nn_ratio"] == pytest.approx(0, abs=1e-6)
     fresh = evaluate.memorisation(x_held[:200], x_train, x_held)
     assert not fresh["memorising"] and fresh["nn_ratio"] == pytest.approx(1, abs=0.15)
 
@@ -113,6 +113,12 @@ def test_evaluate_end_to_end_writes_report_plots_and_readme(in_tmp, monkeypatch)
     assert evaluate.setting_name(interval["results"][0]) == "ddim-5 cfg 3 t 10-19"
     with pytest.raises(UserError, match="guidance_interval"):
         evaluate.evaluate(evaluate.build_parser().parse_args(args + ["--guidance_interval", "10", "20"]))
+    # the unconditional model that label dropout trained, scored as an unconditional run is
+    unguided = evaluate.evaluate(evaluate.build_parser().parse_args(args + ["--unconditional"]))
+    assert evaluate.setting_name(unguided["results"][0]) == "ddim-5"
+    assert 0 <= unguided["results"][0]["class_entropy"] <= 1 and "accuracy" not in unguided["results"][0]
+    with pytest.raises(UserError, match="--unconditional asks for none"):
+        evaluate.evaluate(evaluate.build_parser().parse_args(args + ["--unconditional", "--cfg_scale", "2"]))
 
 
 def test_evaluate_unconditional_run_has_no_guidance_and_reports_class_entropy(in_tmp, monkeypatch):
@@ -128,3 +134,7 @@ def test_evaluate_unconditional_run_has_no_guidance_and_reports_class_entropy(in
     assert all(r["cfg_scale"] is None and 0 <= r["class_entropy"] <= 1 for r in report["results"])
     assert "| ddim-5 | - |" in readme.read_text()
     assert (in_tmp / "results" / "DDPM_Unconditional" / "sweep_steps.png").is_file()
+    for flag, value in (("--cfg_scale", "3"), ("--unconditional", None)):
+        with pytest.raises(UserError, match="is unconditional|unconditional run already"):
+            evaluate.evaluate(evaluate.build_parser().parse_args(
+                ["--run", "models/DDPM_Unconditional", flag, *([value] if value else [])]))

@@ -1,5 +1,6 @@
 import json
 import os
+import re
 
 import pytest
 import torch
@@ -9,7 +10,7 @@ import ddpm_conditional
 import sample
 from ddpm import Diffusion
 from modules import UNet, UNet_conditional
-from utils import UserError
+from utils import UserError, run_main
 
 
 class FixedNoise(torch.nn.Module):
@@ -239,3 +240,36 @@ def test_sampling_notebook_runs_top_to_bottom(tmp_path, monkeypatch):
     outputs = [o for cell in notebook.cells if cell.cell_type == "code" for o in cell.outputs]
     assert not [o for o in outputs if o.output_type == "error"]
     assert sum("image/png" in o.get("data", {}) for o in outputs) == 3  # grid, denoising, noising
+
+
+def test_sample_command_refuses_flags_that_would_do_nothing(tmp_path, capsys):
+    make_run(tmp_path / "plain", conditional=False)
+    make_run(tmp_path / "cond")
+    for run, flags, message in [
+        ("plain", ["--labels", "1"], "unconditional run: --labels need a class-conditional one"),
+        ("plain", ["--cfg_scale", "2"], "unconditional run: --cfg_scale need a class-conditional one"),
+        ("cond", ["--sampler", "ddpm", "--eta", "0.5"], "--eta is the ddim sampler's noise"),
+    ]:
+        with pytest.raises(SystemExit) as e:
+            run_main(lambda: sample.main(["--run", str(tmp_path / run), "--out", str(tmp_path / "x.png"), *flags]))
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and err.count("\n") == 1 and message in err, err
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_sample_command_draws_the_unconditional_model_of_a_conditional_run(tmp_path, capsys):
+    make_run(tmp_path / "cond")
+    sample.main(["--run", str(tmp_path / "cond"), "--labels", "-1", "1", "--n", "2", "--steps", "3",
+                 "--out", str(tmp_path / "grid.png")])
+    assert "rows: (unconditional), b" in capsys.readouterr().out
+
+
+def test_help_shows_each_default_once(capsys):
+    import ddpm
+    import evaluate
+    with pytest.raises(SystemExit):
+        sample.main(["--help"])
+    for text in (ddpm.build_parser().format_help(), ddpm_conditional.build_parser().format_help(),
+                 evaluate.build_parser().format_help(), capsys.readouterr().out):
+        assert "(default: None)" not in text and text.count("(default:") >= 5
+        assert not re.search(r"\(default: [^)]*\)\s*\(default:", text)

@@ -66,6 +66,7 @@ def test_training_on_a_folder_of_rgb_images(in_tmp):
     (["--dataset_path", "missing"], "does not exist"),
     (["--image_size", "20"], "multiple of 8"),
     (["--batch_size", "0"], "--batch_size must be at least 1"),
+    (["--limit", "0"], "--limit must be at least 1"),
     (["--device", "cuda:7"], "not available|does not exist"),
     (["--device", "tpu"], "unknown device"),
 ])
