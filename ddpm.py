@@ -24,7 +24,7 @@ from modules import UNet
 from utils import (HelpFormatter, SeededSampler, UserError, add_runtime_args, autocast, autocast_dtype, barrier,
                    check_new_run, close_loader, gather, get_data, init_distributed, load_checkpoint, make_grid,
                    pick_device, run_main, save_checkpoint, save_images, save_json, seed_everything, setup_logging,
-                   square_nrow)
+                   square_nrow, tensor_bytes, write_error)
 
 
 class Diffusion:
@@ -357,16 +357,25 @@ class Trainer:
         self.check_finite()
         rng = gather(self.rng_state())  # every process's random state (collective), for rank 0 to save
         if self.is_main:
-            self.logger.flush()  # every logged step up to this checkpoint is on disk before it
-            for name, state in self.state_dicts().items():
-                save_checkpoint(state, self.folder / name)
-            save_checkpoint({**self.resume_state(), "rng": rng}, self.folder / "resume.pt")
+            files = {**self.state_dicts(), "resume.pt": {**self.resume_state(), "rng": rng}}
+            try:
+                self.logger.flush()  # every logged step up to this checkpoint is on disk before it
+                for name, state in files.items():
+                    save_checkpoint(state, self.folder / name)
+            except OSError as e:  # a full disk, a quota, a read-only folder: each file is the old or the new one
+                raise UserError(f"{write_error(e, self.folder, tensor_bytes(files))}; make room, then resume with: "
+                                f"{resume_command(self.args, self.world_size)}") from None
         barrier()
 
     def log_samples(self, epoch: int) -> None:
+        folder = Path("results") / self.args.run_name
         for suffix, images in self.sample_grids().items():
             nrow = self.grid_nrow(images)
-            save_images(images, f"results/{self.args.run_name}/{epoch}{suffix}.jpg", nrow=nrow)
+            try:
+                save_images(images, folder / f"{epoch}{suffix}.jpg", nrow=nrow)
+            except OSError as e:
+                raise UserError(f"{write_error(e, folder, images.numel())}; make room, then resume with: "
+                                f"{resume_command(self.args, self.world_size)}") from None
             self.logger.add_image(f"samples{suffix}", make_grid(images, nrow), epoch)
 
     def grid_nrow(self, images: torch.Tensor) -> int:

@@ -418,6 +418,24 @@ def atomic_write(path: str | Path, write) -> None:
         raise
 
 
+def tensor_bytes(obj) -> int:
+    """The bytes of every tensor in a (nested) state dict: about what torch.save writes."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(tensor_bytes(v) for v in obj)
+    return 0
+
+
+def write_error(e: OSError, folder: Path, needed: int) -> str:
+    """One line for a failed write: what went wrong where, and the space it needs beside what is free."""
+    free = shutil.disk_usage(folder).free if folder.exists() else 0
+    return (f"could not write to {folder} ({e.strerror}): it needs about {needed / 1e6:.1f} MB there and "
+            f"{free / 1e6:.1f} MB are free; what was written before is intact")
+
+
 def save_checkpoint(obj, path: str | Path) -> None:
     atomic_write(path, lambda f: torch.save(obj, f))
 

@@ -1,4 +1,5 @@
 """Faults: kill -9, Ctrl-C, NaN, broken images, unwritable folders, malicious checkpoints."""
+import errno
 import json
 import math
 import os
@@ -287,3 +288,30 @@ def test_flags_given_once_can_be_turned_off_on_resume(in_tmp):
     assert ddpm_conditional.parse_args([*RUN, "--resume"]).skip_bad_images
     args = ddpm_conditional.parse_args([*RUN, "--resume", "--no-skip_bad_images", "--no-compile"])
     assert not args.skip_bad_images and not args.compile
+
+
+@pytest.mark.parametrize("error", [errno.ENOSPC, errno.EROFS])
+def test_a_full_or_read_only_disk_stops_the_run_and_keeps_the_last_checkpoint(in_tmp, monkeypatch, capsys, error):
+    train(["--epochs", "1"])
+    before = {name: weights(in_tmp, name) for name in ("ckpt.pt", "resume.pt")}
+    real_fsync = os.fsync
+    calls = []
+
+    def failing_fsync(fd):  # the second file of the save finds the disk full (or read-only)
+        calls.append(fd)
+        if len(calls) == 2:
+            raise OSError(error, os.strerror(error))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", failing_fsync)
+    with pytest.raises(SystemExit) as e:
+        run_main(lambda: train(["--epochs", "2", "--resume"]))
+    err = capsys.readouterr().err.splitlines()[-1]  # after the progress bars
+    assert e.value.code == 2 and err.startswith("error: "), err
+    assert f"could not write to models/r ({os.strerror(error)})" in err and "MB are free" in err
+    assert "resume with: python ddpm_conditional.py --resume --run_name r" in err
+    assert_same_weights(weights(in_tmp, "resume.pt")["model"], before["resume.pt"]["model"])
+    assert not [p for p in (in_tmp / "models" / "r").iterdir() if p.suffix == ".tmp"]  # no half-written files
+    monkeypatch.setattr(os, "fsync", real_fsync)
+    train(["--epochs", "2", "--resume"])  # room again: the run goes on from the intact checkpoint
+    assert weights(in_tmp, "resume.pt")["epoch"] == 2
