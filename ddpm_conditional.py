@@ -129,8 +129,7 @@ class Trainer(ddpm.Trainer):
 
 
 # The original's conditional recipe for a folder: batch 14, 300 epochs, a grid every 10 epochs.
-RECIPES = {"digits": ddpm.RECIPES["digits"],
-           "folder": {**ddpm.RECIPES["folder"], "batch_size": 14, "epochs": 300, "sample_every": 10}}
+RECIPES = {**ddpm.RECIPES, "folder": {**ddpm.RECIPES["folder"], "batch_size": 14, "epochs": 300, "sample_every": 10}}
 
 
 def build_parser() -> argparse.ArgumentParser:

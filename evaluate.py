@@ -26,9 +26,9 @@ from tqdm import tqdm
 
 from ddpm_conditional import CFG_SCALE, add_guidance_args, check_guidance_interval
 from sample import full_chain, load
-from utils import (HelpFormatter, ImageFiles, UserError, add_runtime_args, autocast, autocast_dtype,
-                   digits_to_model_range, image_files, load_checkpoint, load_digits, run_main, save_checkpoint,
-                   save_images, save_json, seed_everything, update_readme_block)
+from utils import (HelpFormatter, ImageFiles, UserError, add_runtime_args, autocast, autocast_dtype, image_files,
+                   labels_of, load_checkpoint, load_dataset, run_main, save_checkpoint, save_images, save_json,
+                   seed_everything, split_held_out, to_model_range, update_readme_block)
 
 CFG_SWEEP = [0, 1, 2, 3, 4, 5, 6, 7]
 STEPS_SWEEP = [("ddim", 10), ("ddim", 20), ("ddim", 50), ("ddim", 100),
@@ -40,32 +40,28 @@ STEPS_SWEEP = [("ddim", 10), ("ddim", 20), ("ddim", 50), ("ddim", 100),
 def real_images(config: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, list[str]]:
     """(train, train_labels, held_out, held_out_labels, class_names) as uint8 at the run's image size.
 
-    The embedded digits use their fixed split; a folder is split here, 10% of each class held out.
+    A named dataset uses its fixed split; a folder is split here, 10% of each class held out.
     """
     size, channels = config["diffusion_args"]["img_size"], config["diffusion_args"]["c_in"]
     path = config.get("dataset_path")
     if path is None:
-        x_train, y_train, x_held, y_held = load_digits()
-        x_train, x_held = (digits_at(x, size).expand(-1, channels, -1, -1) for x in (x_train, x_held))
-        return x_train, y_train, x_held, y_held, [str(i) for i in range(10)]
+        args = config.get("args", {})
+        x_train, y_train, x_held, y_held, classes = load_dataset(config.get("dataset") or "digits",
+                                                                 args.get("data_root", "data"))
+        x_train, x_held = (as_trained(x, size).expand(-1, channels, -1, -1) for x in (x_train, x_held))
+        return x_train, y_train, x_held, y_held, classes
     root = Path(path).expanduser()
     if not root.is_dir() or not image_files(root):
         raise UserError(f"the run's dataset folder '{root}' is not there: evaluate from where the run was trained")
     transform = T.Compose([T.Resize(size), T.CenterCrop(size), T.PILToTensor()])
     data = ImageFiles(root, transform, channels)
     images = torch.stack([data[i][0] for i in tqdm(range(len(data)), desc="loading real images", leave=False)])
-    labels = torch.tensor([label for _, label in data.samples])
-    order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(0))
-    held = torch.zeros(len(labels), dtype=torch.bool)
-    for c in labels.unique():
-        members = order[labels[order] == c]
-        held[members[: max(1, len(members) // 10)]] = True
-    return images[~held], labels[~held], images[held], labels[held], data.classes
+    return (*split_held_out(images, labels_of(data)), data.classes)
 
 
-def digits_at(images: torch.Tensor, size: int) -> torch.Tensor:
-    """The uint8 32x32 digits resized as training sees them, back to uint8."""
-    return ((digits_to_model_range(images, size) + 1) * 127.5).round().to(torch.uint8)
+def as_trained(images: torch.Tensor, size: int) -> torch.Tensor:
+    """uint8 images resized as training sees them, back to uint8."""
+    return ((to_model_range(images, size) + 1) * 127.5).round().to(torch.uint8)
 
 
 # --------------------------------------------------------------------------- the judge

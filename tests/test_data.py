@@ -4,17 +4,17 @@ import pytest
 import torch
 
 from conftest import write_images
-from utils import UserError, get_data, load_digits
+from utils import UserError, get_data, load_dataset
 
 
 def data_args(**kw):
-    base = dict(dataset_path=None, image_size=16, batch_size=8, c_in=None, limit=None, num_workers=0, device="cpu",
+    base = dict(dataset="digits", dataset_path=None, data_root="data", image_size=16, batch_size=8, c_in=None, limit=None, num_workers=0, device="cpu",
                 seed=0)
     return argparse.Namespace(**{**base, **kw})
 
 
 def test_embedded_digits_split_is_stratified_disjoint_and_fixed():
-    x_train, y_train, x_held, y_held = load_digits()
+    x_train, y_train, x_held, y_held, classes = load_dataset("digits")
     assert x_train.shape == (4500, 1, 32, 32) and x_held.shape == (500, 1, 32, 32)
     assert x_train.dtype == torch.uint8
     assert torch.bincount(y_train).tolist() == [450] * 10 and torch.bincount(y_held).tolist() == [50] * 10
@@ -23,7 +23,7 @@ def test_embedded_digits_split_is_stratified_disjoint_and_fixed():
     all_images = torch.from_numpy(mnist_data()[0]).float().view(-1, 28, 28).sum(dim=(1, 2))
     split = torch.cat([x_train, x_held]).float().sum(dim=(1, 2, 3))
     assert torch.equal(split.sort().values, all_images.sort().values)  # every image once, in one part only
-    again = load_digits()
+    again = load_dataset("digits")
     assert torch.equal(again[0], x_train) and torch.equal(again[3], y_held)
 
 
@@ -39,7 +39,7 @@ def test_embedded_digits_loader():
 
 def test_worker_processes_for_in_memory_digits_are_ignored_with_a_warning(capsys):
     loader = get_data(data_args(num_workers=3))
-    assert loader.num_workers == 0 and "--num_workers is ignored for the embedded digits" in capsys.readouterr().err
+    assert loader.num_workers == 0 and "--num_workers is ignored for digits" in capsys.readouterr().err
 
 
 def test_class_folders(tmp_path):

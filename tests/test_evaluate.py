@@ -6,7 +6,7 @@ import torch
 import ddpm
 import ddpm_conditional
 import evaluate
-from utils import UserError, load_digits
+from utils import UserError, load_dataset
 
 
 def test_frechet_distance_of_gaussians_matches_closed_form():
@@ -28,8 +28,8 @@ def test_kid_is_zero_for_one_distribution_and_positive_for_two():
 @pytest.fixture(scope="module")
 def digits_and_judge():
     """The test-sized judge: 3 epochs on the 4,500 training digits at 16x16."""
-    x_train, y_train, x_held, y_held = load_digits()
-    x_train, x_held = evaluate.digits_at(x_train, 16), evaluate.digits_at(x_held, 16)
+    x_train, y_train, x_held, y_held, _ = load_dataset("digits")
+    x_train, x_held = evaluate.as_trained(x_train, 16), evaluate.as_trained(x_held, 16)
     judge, accuracy = evaluate.train_judge(x_train, y_train, x_held, y_held, epochs=3)
     return x_train, y_train, x_held, y_held, judge, accuracy
 
