@@ -135,7 +135,7 @@ def main(argv: list[str] | None = None) -> None:
         out_dir = Path(args.out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         for k, image in enumerate(images):
-            save_images(image[None], out_dir / f"{k:05d}.png", nrow=1)
+            save_images(image[None], out_dir / f"{k:05d}.png", nrow=1, upscale=False)  # native size
         print(f"wrote {len(images)} images to {out_dir}")
 
 

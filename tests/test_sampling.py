@@ -2,6 +2,7 @@ import json
 import os
 import re
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -197,9 +198,14 @@ def test_sample_command_writes_grid_and_images(tmp_path, capsys):
     out = tmp_path / "grid.png"
     sample.main(["--run", str(tmp_path / "run"), "--labels", "2", "0", "--n", "3", "--steps", "4",
                  "--out", str(out), "--out_dir", str(tmp_path / "each"), "--precision", "fp32"])
-    with Image.open(out) as im:
-        assert im.size == (3 * 18 + 2, 2 * 18 + 2)  # rows = labels, columns = n
-    assert len(list((tmp_path / "each").glob("*.png"))) == 6
+    with Image.open(out) as im:  # rows = labels, columns = n; 56 pixels wide, enlarged 9x towards 512
+        assert im.size == (9 * (3 * 18 + 2), 9 * (2 * 18 + 2))
+        grid = np.asarray(im)
+    assert (grid[::9, ::9].repeat(9, 0).repeat(9, 1) == grid).all()  # nearest neighbour: 9x9 blocks
+    each = sorted((tmp_path / "each").glob("*.png"))
+    assert len(each) == 6
+    with Image.open(each[0]) as im:
+        assert im.size == (16, 16)  # single images at native size
     assert "rows: c, a" in capsys.readouterr().out
 
 
