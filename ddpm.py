@@ -421,7 +421,7 @@ class Trainer:
         a, steps = self.args, len(self.loader)
         if isinstance(self.loader.sampler, SeededSampler):
             self.loader.sampler.set_epoch(epoch)
-            self.loader.sampler.start = self.batch * self.loader.batch_size  # a mid-epoch resume skips the trained part
+            self.loader.sampler.start = self.batch * self.loader.batch_size  # mid-epoch resume: skip what was trained
         rng = torch.get_rng_state()
         batches = iter(self.loader)
         torch.set_rng_state(rng)  # starting the loader draws a seed: undo it, so a resumed run's stream matches
@@ -503,12 +503,12 @@ def lr_factor(step: int, args: argparse.Namespace, total_steps: int) -> float:
 # --------------------------------------------------------------------------- command line
 
 # Defaults that depend on the data: --dataset NAME (or "folder" for --dataset_path).
-_SMALL = dict(width=32, batch_size=64, lr=2e-3, warmup=200, lr_schedule="cosine")  # short CPU runs: a high rate
-# early, decayed to zero; width 32 and batch 64 keep a 2-core CPU busy without wasting steps
+# Short CPU runs: width 32 and batch 64 keep 2 cores busy without wasting steps; a high rate early, decayed to zero.
+_SMALL = dict(width=32, batch_size=64, lr=2e-3, warmup=200, lr_schedule="cosine")
 RECIPES = {
     # 4,500 digits at 16x16: good digits after about 23 minutes on 2 CPU cores (60 epochs, 4,200 steps)
     "digits": dict(image_size=16, epochs=60, sample_every=20, **_SMALL),
-    # 54,000 digits: the digits recipe's number of steps (5 epochs, 4,200 steps at 16x16)
+    # 60,000 images at 16x16: about the digits recipe's number of steps (5 epochs, 4,685 steps)
     "mnist": dict(image_size=16, epochs=5, sample_every=1, **_SMALL),
     "fashion_mnist": dict(image_size=16, epochs=5, sample_every=1, **_SMALL),
     # 3,400 colour icons at 32x32, about 1,100 steps: the size a 30-minute CPU run allows
@@ -608,8 +608,8 @@ def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None = None, r
 
 
 # What a resumed run may not change: the model and the data (and so the meaning of a step).
-LOCKED = ("dataset", "dataset_path", "image_size", "c_in", "width", "input_skip", "noise_steps", "schedule", "num_classes", "limit",
-          "batch_size", "label_drop")
+LOCKED = ("dataset", "dataset_path", "image_size", "c_in", "width", "input_skip", "noise_steps", "schedule",
+          "num_classes", "limit", "batch_size", "label_drop")
 
 
 def resumed_args(parser: argparse.ArgumentParser, argv: list[str] | None, args: argparse.Namespace

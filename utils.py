@@ -222,9 +222,10 @@ def load_emoji() -> tuple[torch.Tensor, torch.Tensor]:
 
 
 # torchvision's name for each dataset, the archive its download fetches, and where it must lie in --data_root
+_IDX = "train-images-idx3-ubyte.gz and the 3 other files"
 TORCHVISION = {"cifar10": ("CIFAR10", "cifar-10-python.tar.gz", ""),
-               "mnist": ("MNIST", "train-images-idx3-ubyte.gz and the 3 other files", "MNIST/raw/"),
-               "fashion_mnist": ("FashionMNIST", "train-images-idx3-ubyte.gz and the 3 other files", "FashionMNIST/raw/")}
+               "mnist": ("MNIST", _IDX, "MNIST/raw/"),
+               "fashion_mnist": ("FashionMNIST", _IDX, "FashionMNIST/raw/")}
 
 
 def load_torchvision(name: str, root: Path) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
