@@ -78,7 +78,7 @@ def load(path: str | Path, ema: bool = True, device: str | torch.device | None =
 
 
 def full_chain(steps: int, sampler: str, diffusion: ddpm.Diffusion) -> int | None:
-    """--steps 0 means every step: the original's chain for ddpm (steps=None), all T-1 steps for ddim."""
+    """--steps 0 means every step: the original's chain for ddpm (steps=None), all T-1 steps for the others."""
     if steps:
         return steps
     return None if sampler == "ddpm" else diffusion.noise_steps - 1
@@ -94,9 +94,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--cfg_scale", type=float, default=3.0, help="guidance scale (1 = none)")
     p.add_argument("--guidance_interval", type=int, nargs=2, default=None, metavar=("LO", "HI"),
                    help="guide only at timesteps LO..HI, plain conditional elsewhere (default: every step)")
-    p.add_argument("--sampler", choices=["ddpm", "ddim"], default="ddim", help="ddim: Song et al. (eta 0: deterministic); ddpm: ancestral")
-    p.add_argument("--steps", type=int, default=50, help="sampler steps; 0 = every step (the original's chain)")
-    p.add_argument("--eta", type=float, default=0.0, help="DDIM noise: 0 deterministic, 1 like DDPM")
+    p.add_argument("--sampler", choices=ddpm.SAMPLERS, default=ddpm.DEFAULT_SAMPLER,
+                   help="ddim: Song et al. (eta 0: deterministic); ddpm: ancestral; dpmpp2m: DPM-Solver++(2M)")
+    p.add_argument("--steps", type=int, default=ddpm.DEFAULT_STEPS,
+                   help="sampler steps = network evaluations; 0 = every step (the original's chain)")
+    p.add_argument("--eta", type=float, default=0.0, help="DDIM noise, in [0, 1]: 0 deterministic, 1 like DDPM")
     p.add_argument("--no_ema", action="store_true", help="use ckpt.pt even when ema_ckpt.pt exists")
     p.add_argument("--img_size", type=int, default=None, help="image size of a bare checkpoint without run.json")
     p.add_argument("--seed", type=int, default=0, help="random seed: the same seed gives the same images")
@@ -112,22 +114,21 @@ def main(argv: list[str] | None = None) -> None:
     device = next(model.parameters()).device
     seed_everything(args.seed)
     kwargs = dict(sampler=args.sampler, steps=full_chain(args.steps, args.sampler, diffusion), eta=args.eta)
+    if isinstance(model, UNet_conditional):
+        classes = list(range(model.num_classes)) if args.labels is None else args.labels
+        labels = torch.tensor(classes).repeat_interleave(args.n)
+        kwargs.update(labels=labels, cfg_scale=args.cfg_scale, guidance_interval=args.guidance_interval)
+        n, nrow = len(labels), args.n
+    else:
+        n, nrow = args.n, max(1, round(args.n ** 0.5))
     dtype = autocast_dtype(args.precision, device)
-    with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-        if isinstance(model, UNet_conditional):
-            classes = list(range(model.num_classes)) if args.labels is None else args.labels
-            labels = torch.tensor(classes).repeat_interleave(args.n)
-            try:
-                images = diffusion.sample(model, len(labels), labels, args.cfg_scale, args.guidance_interval,
-                                          **kwargs)
-            except ValueError as e:
-                raise UserError(str(e))
-            nrow = args.n
-            if model.class_names:
-                print("rows:", ", ".join(model.class_names[c] for c in classes))
-        else:
-            images = diffusion.sample(model, args.n, **kwargs)
-            nrow = max(1, round(args.n ** 0.5))
+    try:
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            images = diffusion.sample(model, n, **kwargs)
+    except ValueError as e:  # the sampler's checks: steps, eta, labels, guidance interval
+        raise UserError(str(e))
+    if "labels" in kwargs and model.class_names:
+        print("rows:", ", ".join(model.class_names[c] for c in classes))
     save_images(images, args.out, nrow=nrow)
     print(f"wrote {args.out}")
     if args.out_dir:

@@ -7,6 +7,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 import ddpm_conditional
 from conftest import write_images
+from ddpm import SAMPLERS
 from ddpm_conditional import Diffusion
 from modules import UNet_conditional
 from utils import UserError
@@ -61,11 +62,13 @@ def test_guided_sampling_equals_two_pass_reference():
     assert (got.int() - expected.int()).abs().max() <= 1  # uint8 rounding at the edge
 
 
+@pytest.mark.parametrize("sampler", SAMPLERS)
 @pytest.mark.parametrize("cfg_scale, batch", [(3, 8), (1, 4), (0, 4)])
-def test_one_forward_pass_per_step(cfg_scale, batch):
+def test_one_forward_pass_per_step(sampler, cfg_scale, batch):
+    """A step is one network evaluation, guided or not: the sweeps count evaluations as steps."""
     model = CountingModel(tiny_model())
     d = Diffusion(noise_steps=100, img_size=8, c_in=1)
-    d.sample(model, 4, torch.tensor([0, 1, 2, 0]), cfg_scale=cfg_scale, sampler="ddim", steps=6, progress=False)
+    d.sample(model, 4, torch.tensor([0, 1, 2, 0]), cfg_scale=cfg_scale, sampler=sampler, steps=6, progress=False)
     assert model.batch_sizes == [batch] * 6
 
 
