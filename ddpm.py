@@ -27,6 +27,11 @@ from utils import (HelpFormatter, SeededSampler, UserError, add_runtime_args, au
                    square_nrow, tensor_bytes, write_error)
 
 
+SAMPLERS = ("ddpm", "ddim", "dpmpp2m")
+# The sampler and step count of sample.py, evaluate.py and the in-training grids.
+DEFAULT_SAMPLER, DEFAULT_STEPS = "ddim", 50
+
+
 class Diffusion:
     """The noise schedule, the forward process q(x_t | x_0) and the reverse-process samplers.
 
@@ -89,13 +94,29 @@ class Diffusion:
         """eps_theta(x_t, t); the conditional Diffusion adds labels and guidance here."""
         return model(x, t)
 
-    def timesteps(self, steps: int | None = None) -> torch.Tensor:
-        """The timesteps a sampler visits, descending: all of T-1..1, or `steps` of them evenly spaced."""
+    def timesteps(self, steps: int | None = None, log_snr: bool = False) -> torch.Tensor:
+        """The timesteps a sampler visits, descending from T-1: all of T-1..1, or `steps` of them (1..T-1).
+
+        `steps` of them are evenly spaced in t, or with log_snr in lambda_t from lambda_{T-1} to
+        lambda_0, where the chain ends, each on the nearest timestep.
+        """
         if steps is None:
             return torch.arange(self.noise_steps - 1, 0, -1)
-        if not 1 <= steps <= self.noise_steps - 1:
-            raise ValueError(f"steps must be in [1, {self.noise_steps - 1}], got {steps}")
-        return torch.linspace(1, self.noise_steps - 1, steps).round().long().unique().flip(0)
+        if not log_snr:
+            return torch.linspace(self.noise_steps - 1, 1, steps).round().long()  # spaced >= 1: distinct
+        lam = self.lambda_t(torch.arange(self.noise_steps, device=self.alpha_hat.device)).cpu().double()
+        grid = torch.linspace(lam[-1].item(), lam[0].item(), steps + 1)[:-1]
+        t = (lam[1:, None] - grid).abs().argmin(0) + 1
+        # lambda grows fastest near t = 0, where neighbours can round to one timestep: move each one
+        # up until the steps are distinct (at most T-1-k for the k-th, so the first stays T-1)
+        k = torch.arange(steps)
+        t = (t + k).flip(0).cummax(0).values.flip(0) - k
+        return torch.minimum(t, self.noise_steps - 1 - k)
+
+    def lambda_t(self, t: torch.Tensor | int) -> torch.Tensor:
+        """lambda_t = log(alpha_t / sigma_t) = log(sqrt(alpha_hat_t) / sqrt(1 - alpha_hat_t)): half the log-SNR."""
+        alpha_hat = self.alpha_hat[t]
+        return 0.5 * torch.log(alpha_hat / (1 - alpha_hat))
 
     def respaced_betas(self, timesteps: torch.Tensor) -> torch.Tensor:
         """beta'_k = 1 - alpha_hat[s_k] / alpha_hat[s_{k-1}] for ascending kept steps s_k (alpha_hat[s_{-1}] = 1).
@@ -113,53 +134,70 @@ class Diffusion:
         """Draw n images; uint8 in [0, 255], shape (n, C, H, W).
 
         sampler "ddpm": ancestral sampling (Algorithm 2) over every step, as the original, or over
-        `steps` evenly spaced ones. sampler "ddim": Song et al. 2021 over `steps` (default 50)
-        steps, deterministic at eta=0. Both chains end at timestep 0. `noise` is x_T (default
+        `steps` evenly spaced ones. sampler "ddim": Song et al. 2021, deterministic at eta=0.
+        sampler "dpmpp2m": DPM-Solver++(2M) (Lu et al. 2022), deterministic, over `steps` spaced
+        evenly in log-SNR. ddim and dpmpp2m take 50 steps unless told; each step is one network
+        evaluation. Every chain starts at T-1 and ends at timestep 0. `noise` is x_T (default
         N(0, I)); `callback(t, x_t)` sees every intermediate x_t (for trajectories).
         """
-        if sampler not in ("ddpm", "ddim"):
-            raise ValueError(f"sampler must be 'ddpm' or 'ddim', got '{sampler}'")
-        if sampler == "ddim" and steps is None:
+        self.check_sampler(sampler, steps, eta)
+        if sampler != "ddpm" and steps is None:
             steps = 50
         was_training = model.training
         model.eval()
         device = next(model.parameters()).device
         self._to(device)
         # Visit the kept steps s_K > ... > s_1 and end at 0: alpha_hat[0] = 1 - beta_start, almost clean.
-        kept = self.timesteps(steps)
+        kept = self.timesteps(steps, log_snr=sampler == "dpmpp2m")
+        previous = torch.cat([kept[1:], torch.zeros(1, dtype=torch.long)])
         if steps is None:
-            beta = self.beta[kept.to(device)]  # exactly the original's chain
+            beta = variance = self.beta[kept.to(device)]  # exactly the original's chain: sigma_t^2 = beta_t
         else:
             beta = self.respaced_betas(torch.cat([torch.zeros(1, dtype=torch.long), kept.flip(0)]))[1:].flip(0)
-        previous = torch.cat([kept[1:], torch.zeros(1, dtype=torch.long)])
+            # the posterior variance beta~ (eq. 7): beta's excess noise is not undone by a few large steps
+            variance = (1 - self.alpha_hat[previous.to(device)]) / (1 - self.alpha_hat[kept.to(device)]) * beta
         clip = self.clipped_steps(kept)
         x = torch.randn((n, self.c_in, self.img_size, self.img_size), device=device) if noise is None else noise.to(device)
+        history = None  # dpmpp2m: the previous step's x0 prediction and lambda step
         for k in tqdm(range(len(kept)), desc=f"sampling ({sampler})", leave=False, disable=not progress):
             i, j = kept[k].item(), previous[k].item()
             t = torch.full((n,), i, dtype=torch.long, device=device)
-            eps = self.predict_noise(model, x, t, **cond).float()
+            eps = self.predict_noise(model, x, t, **cond).to(x.dtype)  # out of the autocast dtype
             if clip[k]:  # x0 clipped to the data range, eps re-derived from it
                 x0 = self.predict_x0(x, eps, i).clamp(-1, 1)
                 eps = (x - self.alpha_hat[i].sqrt() * x0) / (1 - self.alpha_hat[i]).sqrt()
             last = j == 0
             if sampler == "ddpm":
-                x = self.ddpm_step(x, eps, i, beta[k], last)
-            else:
+                x = self.ddpm_step(x, eps, i, beta[k], variance[k], last)
+            elif sampler == "ddim":
                 x = self.ddim_step(x, eps, i, j, eta, last)
+            else:
+                x, history = self.dpmpp2m_step(x, eps, i, j, history, last)
             if callback is not None:
                 callback(j, x)
         model.train(was_training)
         x = (x.clamp(-1, 1) + 1) / 2
-        return (x * 255).type(torch.uint8)
+        return (x * 255).round().to(torch.uint8)  # rounded, as the real images are
+
+    def check_sampler(self, sampler: str, steps: int | None, eta: float = 0.0) -> None:
+        """ValueError unless sampler is one of SAMPLERS, steps None or in [1, T-1], and eta in [0, 1] (ddim only)."""
+        if sampler not in SAMPLERS:
+            raise ValueError(f"sampler must be one of {', '.join(SAMPLERS)}, got '{sampler}'")
+        if steps is not None and not 1 <= steps <= self.noise_steps - 1:
+            raise ValueError(f"steps must be in [1, {self.noise_steps - 1}], got {steps}")
+        if not 0 <= eta <= 1:  # past 1 the DDIM variance exceeds 1 - alpha_hat_prev: no real solution
+            raise ValueError(f"eta must be in [0, 1], got {eta:g}")
+        if eta and sampler != "ddim":
+            raise ValueError(f"eta is DDIM's noise: the {sampler} sampler takes none, got {eta:g}")
 
     def clipped_steps(self, kept: torch.Tensor) -> list[bool]:
         """For each step s_k -> s_{k-1} of a chain: does it clip the x0 prediction to [-1, 1] (and re-derive eps)?
 
         Those that would multiply its error more than 10-fold, sqrt(alpha_hat[s_{k-1}] / alpha_hat[s_k]) > 10.
-        Only the first step of a cosine-schedule chain is such a step: alpha_hat at T-1 is about 1e-9
-        there, and unclipped it multiplies the model's error 632-fold in DDIM-50. Clipping every step
-        (as Nichol & Dhariwal do) costs FD on the linear schedule, whose chains of 10 or more steps
-        never qualify.
+        Chiefly the first step of a cosine-schedule chain: alpha_hat at T-1 is about 1e-9 there, and
+        unclipped it multiplies the model's error 632-fold in DDIM-50 (chains of under 5 steps have
+        such steps on either schedule). Clipping every step (as Nichol & Dhariwal do) costs FD on the
+        linear schedule, whose chains of 5 or more steps never qualify.
         """
         alpha_hat = self.alpha_hat[torch.cat([kept, kept.new_zeros(1)]).to(self.alpha_hat.device)]
         return ((alpha_hat[1:] / alpha_hat[:-1]).sqrt() > 10).tolist()
@@ -168,11 +206,16 @@ class Diffusion:
         """x0 = (x_t - sqrt(1 - alpha_hat_t) eps) / sqrt(alpha_hat_t): eq. 4 solved for x_0."""
         return (x - (1 - self.alpha_hat[i]).sqrt() * eps) / self.alpha_hat[i].sqrt()
 
-    def ddpm_step(self, x: torch.Tensor, eps: torch.Tensor, i: int, beta: torch.Tensor, last: bool) -> torch.Tensor:
-        """x_{t-1} = 1/sqrt(alpha_t) (x_t - (1 - alpha_t)/sqrt(1 - alpha_hat_t) eps) + sqrt(beta_t) z   (Algorithm 2)."""
+    def ddpm_step(self, x: torch.Tensor, eps: torch.Tensor, i: int, beta: torch.Tensor, variance: torch.Tensor,
+                  last: bool) -> torch.Tensor:
+        """x_{t-1} = 1/sqrt(alpha_t) (x_t - (1 - alpha_t)/sqrt(1 - alpha_hat_t) eps) + sigma_t z   (Algorithm 2).
+
+        sigma_t^2 = variance: beta_t as the original, or the posterior variance
+        beta~_t = (1 - alpha_hat_{t-1}) / (1 - alpha_hat_t) beta_t (section 3.2).
+        """
         alpha, alpha_hat = 1 - beta, self.alpha_hat[i]
         z = torch.zeros_like(x) if last else torch.randn_like(x)
-        return 1 / alpha.sqrt() * (x - (1 - alpha) / (1 - alpha_hat).sqrt() * eps) + beta.sqrt() * z
+        return 1 / alpha.sqrt() * (x - (1 - alpha) / (1 - alpha_hat).sqrt() * eps) + variance.sqrt() * z
 
     def ddim_step(self, x: torch.Tensor, eps: torch.Tensor, i: int, j: int, eta: float, last: bool) -> torch.Tensor:
         """x_s = sqrt(alpha_hat_s) x0_pred + sqrt(1 - alpha_hat_s - sigma^2) eps + sigma z   (DDIM, eq. 12)."""
@@ -183,6 +226,30 @@ class Diffusion:
         if eta > 0 and not last:
             x = x + sigma * torch.randn_like(x)
         return x
+
+    def dpmpp2m_step(self, x: torch.Tensor, eps: torch.Tensor, i: int, j: int,
+                     history: tuple[torch.Tensor, torch.Tensor] | None, last: bool
+                     ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        """One step of DPM-Solver++(2M) (Lu et al. 2022, Algorithm 2) from t_{i-1} = i to t_i = j:
+
+            x_{t_i} = sigma_{t_i} / sigma_{t_{i-1}} x_{t_{i-1}} - alpha_{t_i} (e^{-h_i} - 1) D_i,
+            D_i = (1 + 1/(2 r_i)) x0_{i-1} - 1/(2 r_i) x0_{i-2},
+
+        h_i = lambda_{t_i} - lambda_{t_{i-1}}, r_i = h_{i-1} / h_i, alpha_t = sqrt(alpha_hat_t),
+        sigma_t = sqrt(1 - alpha_hat_t): the data prediction extrapolated linearly in lambda from
+        the previous step's. `history` is (x0_{i-2}, h_{i-1}), None on the first step. The first
+        step (nothing to extrapolate from) and the last (as Lu et al., for stability with few
+        steps) take D_i = x0_{i-1}, which is the DDIM step. Returns x_{t_i} and the next history.
+        """
+        x0 = self.predict_x0(x, eps, i)
+        h = self.lambda_t(j) - self.lambda_t(i)
+        D = x0
+        if history is not None and not last:
+            x0_previous, h_previous = history
+            r = h_previous / h
+            D = (1 + 1 / (2 * r)) * x0 - 1 / (2 * r) * x0_previous
+        sigma_ratio = ((1 - self.alpha_hat[j]) / (1 - self.alpha_hat[i])).sqrt()
+        return sigma_ratio * x - self.alpha_hat[j].sqrt() * torch.expm1(-h) * D, (x0, h)
 
 
 # --------------------------------------------------------------------------- training
@@ -295,10 +362,10 @@ class Trainer:
             return {"": self.diffusion.sample(self.model, self.args.n_samples, **self.grid_sampler())}
 
     def grid_sampler(self) -> dict:
-        """In-training grids use DDIM over `sample_steps` steps: seconds, not minutes. The original
-        network (--no-input_skip) cannot keep a deterministic trajectory in range: it gets the
-        ancestral chain respaced to as many steps."""
-        sampler = "ddim" if self.args.input_skip else "ddpm"
+        """In-training grids use DEFAULT_SAMPLER over `sample_steps` steps: seconds, not minutes. The
+        original network (--no-input_skip) cannot keep a deterministic trajectory in range: it gets
+        the ancestral chain respaced to as many steps."""
+        sampler = DEFAULT_SAMPLER if self.args.input_skip else "ddpm"
         return dict(sampler=sampler, steps=min(self.args.sample_steps, self.args.noise_steps - 1))
 
     def state_dicts(self) -> dict[str, dict]:
@@ -561,7 +628,8 @@ def build_parser(description: str = "Train an unconditional DDPM.", run_name: st
     p.add_argument("--sample_every", type=int, default=None,
                    help=f"epochs between sample grids, 0 = never; the last epoch always gets one {recipe('sample_every')}")
     p.add_argument("--n_samples", type=int, default=16, help="images in each sample grid (conditional: per class)")
-    p.add_argument("--sample_steps", type=int, default=50, help="DDIM steps of the in-training grids")
+    p.add_argument("--sample_steps", type=int, default=DEFAULT_STEPS,
+                   help=f"{DEFAULT_SAMPLER} steps of the in-training grids")
     p.add_argument("--log_every", type=int, default=10, help="steps between loss logs (each one syncs the device)")
     p.add_argument("--num_workers", type=int, default=None, help="data-loading processes for a folder (default: min(4, cores))")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,

@@ -2,7 +2,7 @@
 
     python evaluate.py --run models/DDPM_conditional                 # table + results/<run>/eval.json
     python evaluate.py --run models/DDPM_conditional --sweep cfg     # guidance scales 0..7, plots
-    python evaluate.py --run models/DDPM_conditional --sweep steps   # samplers and step counts, plots
+    python evaluate.py --run models/DDPM_conditional --sweep steps   # every sampler at 5..100 network evaluations
     python evaluate.py --run models/DDPM_conditional --sweep all --readme README.md   # the README's Results
 
 The judge is a small CNN trained on the run's training images (cached in the run folder). Its
@@ -17,13 +17,13 @@ import math
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torchvision.transforms as T
 from tqdm import tqdm
 
+from ddpm import DEFAULT_SAMPLER, DEFAULT_STEPS, SAMPLERS
 from ddpm_conditional import CFG_SCALE, add_guidance_args, check_guidance_interval
 from sample import full_chain, load
 from utils import (HelpFormatter, ImageFiles, UserError, add_runtime_args, autocast, autocast_dtype, image_files,
@@ -31,8 +31,8 @@ from utils import (HelpFormatter, ImageFiles, UserError, add_runtime_args, autoc
                    seed_everything, split_held_out, to_model_range, update_readme_block)
 
 CFG_SWEEP = [0, 1, 2, 3, 4, 5, 6, 7]
-STEPS_SWEEP = [("ddim", 10), ("ddim", 20), ("ddim", 50), ("ddim", 100),
-               ("ddpm", 10), ("ddpm", 20), ("ddpm", 50), ("ddpm", 100), ("ddpm", None)]
+# Every sampler at these network evaluations (one per step, a guided one included), and the original's chain.
+STEPS_SWEEP = [(sampler, nfe) for sampler in SAMPLERS for nfe in (5, 10, 15, 20, 50, 100)] + [("ddpm", None)]
 
 
 # --------------------------------------------------------------------------- real data
@@ -280,8 +280,10 @@ def evaluate(args: argparse.Namespace) -> dict:
     if given and not conditional:
         raise UserError(f"{', '.join(given)} guide a class-conditional model towards a class: "
                         f"{'--unconditional asks for none' if has_labels else f'{run_dir} is unconditional'}")
+    steps = full_chain(args.steps, args.sampler, diffusion)
     try:
         check_guidance_interval(args.guidance_interval, diffusion.noise_steps)
+        diffusion.check_sampler(args.sampler, steps)
     except ValueError as e:
         raise UserError(f"--{e}")
 
@@ -295,7 +297,6 @@ def evaluate(args: argparse.Namespace) -> dict:
     real = {"train": x_train, "held": x_held, "held_feats": held_feats}
     floor = {"fd": frechet_distance(train_feats, held_feats), "kid": kernel_inception_distance(train_feats, held_feats)}
 
-    steps = full_chain(args.steps, args.sampler, diffusion)
     cfg_scale = (CFG_SCALE if args.cfg_scale is None else args.cfg_scale) if conditional else None
     interval = args.guidance_interval
     settings = [dict(sampler=args.sampler, steps=steps, cfg_scale=cfg_scale)]
@@ -320,13 +321,15 @@ def evaluate(args: argparse.Namespace) -> dict:
             seed_everything(args.seed)
             samples, seconds = generate(net, diffusion, args.n, asked, s["cfg_scale"], s["sampler"], s["steps"],
                                         args.precision, s["guidance_interval"])
-            results.append({**s, **score(samples, labels, judge, real, len(classes)), "seconds_per_image": seconds})
+            results.append({**s, **score(samples, labels, judge, real, len(classes)), "seconds_per_image": seconds,
+                            "nfe": len(diffusion.timesteps(s["steps"]))})
             per_row = model.num_classes if conditional else 10
             grids[setting_name(s)] = samples[:min(10, len(samples) // per_row) * per_row]
             print(format_row(results[-1], conditional), flush=True)
 
-    report = {"run": str(run_dir), "n": args.n, "judge_accuracy_held_out": judge_accuracy, "floor": floor,
-              "results": results, "inception_fid": inception_fid(args, model, diffusion, asked, cfg_scale, x_held)}
+    report = {"run": str(run_dir), "n": args.n, "sweep": args.sweep, "judge_accuracy_held_out": judge_accuracy,
+              "floor": floor, "results": results,
+              "inception_fid": inception_fid(args, model, diffusion, asked, cfg_scale, x_held)}
     out_dir = Path("results") / run_dir.name
     out_dir.mkdir(parents=True, exist_ok=True)
     save_json(report, out_dir / "eval.json")
@@ -414,40 +417,45 @@ def plot_sweeps(report: dict, grids: dict, conditional: bool, model, out_dir: Pa
         fig.tight_layout()
         fig.savefig(out_dir / "sweep_cfg.png", dpi=100)
         plt.close(fig)
-        side_by_side([(f"cfg {r['cfg_scale']:g}", grids[setting_name(r)]) for r in cfg_rows("model")], model,
+        side_by_side([[(f"cfg {r['cfg_scale']:g}", grids[setting_name(r)]) for r in cfg_rows("model")]], model,
                      conditional, out_dir / "sweep_cfg_grids.png")
     if len(step_rows) >= 2:
-        fig, axes = plt.subplots(1, 3, figsize=(13, 3.5))
-        for ax, key in zip(axes, (metric, "fd", "kid")):
-            for sampler in ("ddpm", "ddim"):
-                rows = sorted((r for r in step_rows if r["sampler"] == sampler), key=lambda r: r["steps"] or 999)
-                ax.plot([r["steps"] or 999 for r in rows], [r[key] for r in rows], "o-", label=sampler)
-            if key != metric:
+        fig, axes = plt.subplots(1, 4, figsize=(17, 3.5))
+        for ax, key in zip(axes, (metric, "fd", "kid", "seconds_per_image")):
+            for sampler in SAMPLERS:
+                rows = sorted((r for r in step_rows if r["sampler"] == sampler), key=lambda r: r["nfe"])
+                ax.plot([r["nfe"] for r in rows], [r[key] for r in rows], "o-", label=sampler)
+            if key in report["floor"]:
                 ax.axhline(report["floor"][key], color="gray", ls="--", label="real vs real")
             ax.set_xscale("log")
-            ax.set_xlabel("sampler steps")
-            ax.set_title(key)
+            ax.set_xlabel("network evaluations")
+            ax.set_title(key.replace("_", " "))
             ax.legend()
         guidance = f"cfg {main['cfg_scale']:g}" if conditional else "unconditional"
         fig.suptitle(f"sampler sweep ({guidance}, n={report['n']})")
         fig.tight_layout()
         fig.savefig(out_dir / "sweep_steps.png", dpi=100)
         plt.close(fig)
-        side_by_side([(f"{r['sampler']}-{r['steps'] or 999}", grids[setting_name(r)]) for r in step_rows], model,
-                     conditional, out_dir / "sweep_steps_grids.png")
+        side_by_side([[(f"{r['sampler']}-{r['nfe']}", grids[setting_name(r)])
+                       for r in sorted(step_rows, key=lambda r: r["nfe"]) if r["sampler"] == sampler]
+                      for sampler in SAMPLERS], model, conditional, out_dir / "sweep_steps_grids.png")
 
 
-def side_by_side(panels: list, model, conditional: bool, path: Path) -> None:
-    """Sample grids next to each other, titled (one row per class in each)."""
+def side_by_side(rows: list[list[tuple[str, torch.Tensor]]], model, conditional: bool, path: Path) -> None:
+    """Rows of titled sample grids (one row per class in each grid)."""
     import matplotlib.pyplot as plt
     from utils import make_grid
 
-    fig, axes = plt.subplots(1, len(panels), figsize=(2.2 * len(panels), 2.6))
-    for ax, (title, images) in zip(np.atleast_1d(axes), panels):
-        grid = make_grid(sorted_by_label(images, conditional, model)[:100], nrow=10).permute(1, 2, 0).numpy()
-        ax.imshow(grid)
-        ax.set_title(title, fontsize=9)
+    rows = [row for row in rows if row]
+    columns = max(len(row) for row in rows)
+    fig, axes = plt.subplots(len(rows), columns, figsize=(2.2 * columns, 2.6 * len(rows)), squeeze=False)
+    for ax in axes.flat:
         ax.axis("off")
+    for ax_row, row in zip(axes, rows):
+        for ax, (title, images) in zip(ax_row, row):
+            grid = make_grid(sorted_by_label(images, conditional, model)[:100], nrow=10).permute(1, 2, 0).numpy()
+            ax.imshow(grid)
+            ax.set_title(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -463,20 +471,21 @@ def write_readme(readme: Path, report: dict, conditional: bool, out_dir: Path) -
     exact = any(r["denoiser"] == "exact" for r in report["results"])
     interval = report["results"][0]["guidance_interval"]
     flags = (f"--guidance_interval {interval[0]} {interval[1]} " if interval else "") + ("--exact " if exact else "")
-    lines = ["", f"Generated by `python evaluate.py --run {report['run']} --n {report['n']} --sweep all "
+    lines = ["", f"Generated by `python evaluate.py --run {report['run']} --n {report['n']} --sweep {report['sweep']} "
              f"{flags}--readme README.md` ({report['n']} samples per setting).", "",
              f"Judge accuracy on the 500 held-out real digits: **{100 * report['judge_accuracy_held_out']:.1f}%**. "
              f"Real-vs-real floor (held-out vs training images): FD {report['floor']['fd']:.2f}, "
              f"KID {report['floor']['kid']:.4f}.", "",
              f"| sampler | cfg | {head} | FD | KID | NN ratio | s/image |", "|---|---|---|---|---|---|---|"]
     for r in report["results"]:
-        first = f"{100 * r['accuracy']:.1f}%" if conditional else f"{r['class_entropy']:.3f}"
-        sampler = f"{r['sampler']}-{r['steps'] or 999}{' (exact denoiser)' if r['denoiser'] == 'exact' else ''}"
+        sampler = f"{r['sampler']}-{r['nfe']}{' (exact denoiser)' if r['denoiser'] == 'exact' else ''}"
         cfg = "-" if r["cfg_scale"] is None else f"{r['cfg_scale']:g}"
         if r["guidance_interval"]:
             cfg += " (t {}-{})".format(*r["guidance_interval"])
-        lines.append(f"| {sampler} | {cfg} | {first} | {r['fd']:.2f} | "
+        lines.append(f"| {sampler} | {cfg} | {quality(r, conditional)} | {r['fd']:.2f} | "
                      f"{r['kid']:.4f} | {r['nn_ratio']:.2f} | {r['seconds_per_image']:.3f} |")
+    if report["sweep"] in ("steps", "all"):
+        lines += frontier(report, conditional)
     lines.append("")
     lines += [f"![{f}](assets/{f})" for f in figures]
     lines.append("")
@@ -487,17 +496,37 @@ def write_readme(readme: Path, report: dict, conditional: bool, out_dir: Path) -
         shutil.copy(out_dir / f, assets / f)
 
 
+def quality(r: dict, conditional: bool) -> str:
+    return f"{100 * r['accuracy']:.1f}%" if conditional else f"{r['class_entropy']:.3f}"
+
+
+def frontier(report: dict, conditional: bool) -> list[str]:
+    """README lines: each sampler's quality and time per image against its network evaluations (the model's)."""
+    main = report["results"][0]
+    rows = [r for r in report["results"] if r["denoiser"] == "model" and r["cfg_scale"] == main["cfg_scale"]]
+    nfes = sorted({r["nfe"] for r in rows})
+    guidance = f"cfg {main['cfg_scale']:g}" if conditional else "unconditional"
+    lines = ["", f"Quality against network evaluations ({guidance}): "
+             f"{'accuracy' if conditional else 'class entropy'}, FD, seconds per image.", "",
+             "| sampler | " + " | ".join(map(str, nfes)) + " |", "|---" * (len(nfes) + 1) + "|"]
+    for sampler in SAMPLERS:
+        cells = {r["nfe"]: f"{quality(r, conditional)}, {r['fd']:.2f}, {r['seconds_per_image']:.3f} s"
+                 for r in rows if r["sampler"] == sampler}
+        lines.append(f"| {sampler} | " + " | ".join(cells.get(k, "-") for k in nfes) + " |")
+    return lines
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Evaluate a run's samples offline.", formatter_class=HelpFormatter)
     p.add_argument("--run", required=True, help="a run folder (models/<run_name>)")
     p.add_argument("--n", type=int, default=1000, help="samples per setting")
-    p.add_argument("--sampler", choices=["ddpm", "ddim"], default="ddim", help="sampler of the main setting")
-    p.add_argument("--steps", type=int, default=50, help="sampler steps of the main setting; 0 = every step")
+    p.add_argument("--sampler", choices=SAMPLERS, default=DEFAULT_SAMPLER, help="sampler of the main setting")
+    p.add_argument("--steps", type=int, default=DEFAULT_STEPS, help="sampler steps of the main setting; 0 = every step")
     add_guidance_args(p)  # of every setting but the cfg sweep's scales
     p.add_argument("--unconditional", action="store_true",
                    help="conditional runs: score the unconditional model that label dropout trained (label -1)")
     p.add_argument("--sweep", choices=["none", "cfg", "steps", "all"], default="none",
-                   help="cfg: guidance scales 0..7; steps: DDIM and DDPM at 10..100 steps and DDPM-999")
+                   help="cfg: guidance scales 0..7; steps: every sampler at 5..100 network evaluations, and DDPM-999")
     p.add_argument("--exact", action="store_true",
                    help="also score the exact denoiser of the training set at every setting (a model without error)")
     p.add_argument("--inception_weights", default=None, help="a local Inception v3 weights file for standard FID")

@@ -80,7 +80,7 @@ def load(path: str | Path, ema: bool = True, device: str | torch.device | None =
 
 
 def full_chain(steps: int, sampler: str, diffusion: ddpm.Diffusion) -> int | None:
-    """--steps 0 means every step: the original's chain for ddpm (steps=None), all T-1 steps for ddim."""
+    """--steps 0 means every step: the original's chain for ddpm (steps=None), all T-1 steps for the others."""
     if steps:
         return steps
     return None if sampler == "ddpm" else diffusion.noise_steps - 1
@@ -94,9 +94,12 @@ def main(argv: list[str] | None = None) -> None:
                         "class)")
     p.add_argument("--n", type=int, default=8, help="images per label (unconditional: images in all)")
     add_guidance_args(p)
-    p.add_argument("--sampler", choices=["ddpm", "ddim"], default="ddim", help="ddim: Song et al. (eta 0: deterministic); ddpm: ancestral")
-    p.add_argument("--steps", type=int, default=50, help="sampler steps; 0 = every step (the original's chain)")
-    p.add_argument("--eta", type=float, default=None, help="DDIM noise: 0 deterministic, 1 like DDPM (default: 0)")
+    p.add_argument("--sampler", choices=ddpm.SAMPLERS, default=ddpm.DEFAULT_SAMPLER,
+                   help="ddim: Song et al. (eta 0: deterministic); ddpm: ancestral; dpmpp2m: DPM-Solver++(2M)")
+    p.add_argument("--steps", type=int, default=ddpm.DEFAULT_STEPS,
+                   help="sampler steps = network evaluations; 0 = every step (the original's chain)")
+    p.add_argument("--eta", type=float, default=None,
+                   help="DDIM noise, in [0, 1]: 0 deterministic, 1 like DDPM (default: 0)")
     p.add_argument("--no_ema", action="store_true", help="use ckpt.pt even when ema_ckpt.pt exists")
     p.add_argument("--img_size", type=int, default=None, help="image size of a bare checkpoint without run.json")
     add_runtime_args(p)
@@ -116,20 +119,22 @@ def main(argv: list[str] | None = None) -> None:
     device = next(model.parameters()).device
     seed_everything(args.seed)
     kwargs = dict(sampler=args.sampler, steps=full_chain(args.steps, args.sampler, diffusion), eta=args.eta or 0.0)
-    with autocast(device, autocast_dtype(args.precision, device)):
-        try:
-            if conditional:
-                classes = list(range(model.num_classes)) if args.labels is None else args.labels
-                labels = torch.tensor(classes).repeat_interleave(args.n)
-                cfg_scale = CFG_SCALE if args.cfg_scale is None else args.cfg_scale
-                images = diffusion.sample(model, len(labels), labels, cfg_scale, args.guidance_interval, **kwargs)
-            else:
-                images = diffusion.sample(model, args.n, **kwargs)
-        except ValueError as e:
-            raise UserError(str(e))
+    if conditional:
+        classes = list(range(model.num_classes)) if args.labels is None else args.labels
+        labels = torch.tensor(classes).repeat_interleave(args.n)
+        cfg_scale = CFG_SCALE if args.cfg_scale is None else args.cfg_scale
+        kwargs.update(labels=labels, cfg_scale=cfg_scale, guidance_interval=args.guidance_interval)
+        n, nrow = len(labels), args.n
+    else:
+        n, nrow = args.n, square_nrow(args.n)
+    try:
+        with autocast(device, autocast_dtype(args.precision, device)):
+            images = diffusion.sample(model, n, **kwargs)
+    except ValueError as e:  # the sampler's checks: steps, eta, labels, guidance interval
+        raise UserError(str(e))
     if conditional and model.class_names:
         print("rows:", ", ".join("(unconditional)" if c < 0 else model.class_names[c] for c in classes))
-    save_images(images, args.out, nrow=args.n if conditional else square_nrow(args.n))
+    save_images(images, args.out, nrow=nrow)
     print(f"wrote {args.out}")
     if args.out_dir:
         out_dir = Path(args.out_dir)

@@ -556,15 +556,15 @@ def make_grid(images: torch.Tensor, nrow: int = 8) -> torch.Tensor:
     return torchvision.utils.make_grid(images.cpu(), nrow=nrow, padding=2)
 
 
-GRID_WIDTH = 512  # pixels a grid of small images is enlarged towards, so that a person can see it
+GRID_SIDE = 512  # pixels the longer side of a grid of small images is enlarged towards, so a person can see it
 
 
 def save_images(images: torch.Tensor, path: str | Path, nrow: int = 8, upscale: bool = True) -> None:
-    """Save uint8 images (N, C, H, W) as one grid image, `nrow` images per row. With `upscale` a narrow
+    """Save uint8 images (N, C, H, W) as one grid image, `nrow` images per row. With `upscale` a small
     grid is enlarged by a whole factor (nearest neighbour: every pixel stays a sharp square) towards
-    GRID_WIDTH; 16x16 digits, 8 to a row, become 4x."""
+    GRID_SIDE; 8 x 8 digits of 16x16 become 4x."""
     grid = make_grid(images, nrow)
-    factor = max(1, round(GRID_WIDTH / grid.shape[-1])) if upscale else 1
+    factor = max(1, round(GRID_SIDE / max(grid.shape[-2:]))) if upscale else 1
     array = grid.repeat_interleave(factor, 1).repeat_interleave(factor, 2).permute(1, 2, 0).numpy()
     array = array[..., 0] if array.shape[-1] == 1 else array  # a single grayscale image
     fmt = Image.registered_extensions().get(Path(path).suffix.lower(), "PNG")

@@ -7,6 +7,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 import ddpm_conditional
 from conftest import write_images
+from ddpm import SAMPLERS
 from ddpm_conditional import Diffusion
 from modules import UNet_conditional
 from utils import UserError
@@ -61,11 +62,13 @@ def test_guided_sampling_equals_two_pass_reference():
     assert (got.int() - expected.int()).abs().max() <= 1  # uint8 rounding at the edge
 
 
+@pytest.mark.parametrize("sampler", SAMPLERS)
 @pytest.mark.parametrize("cfg_scale, batch", [(3, 8), (1, 4), (0, 4)])
-def test_one_forward_pass_per_step(cfg_scale, batch):
+def test_one_forward_pass_per_step(sampler, cfg_scale, batch):
+    """A step is one network evaluation, guided or not: the sweeps count evaluations as steps."""
     model = CountingModel(tiny_model())
     d = Diffusion(noise_steps=100, img_size=8, c_in=1)
-    d.sample(model, 4, torch.tensor([0, 1, 2, 0]), cfg_scale=cfg_scale, sampler="ddim", steps=6, progress=False)
+    d.sample(model, 4, torch.tensor([0, 1, 2, 0]), cfg_scale=cfg_scale, sampler=sampler, steps=6, progress=False)
     assert model.batch_sizes == [batch] * 6
 
 
@@ -166,7 +169,7 @@ def test_end_to_end_on_three_class_folders(in_tmp):
     assert config["class_names"] == ["apple", "banana", "cherry"] and config["num_classes"] == 3
     # rows = 3 classes, columns = 5 samples, 16-pixel images with 2-pixel gaps
     for name in ("0.jpg", "0_ema.jpg", "1.jpg", "1_ema.jpg"):
-        assert grid_size(in_tmp / "results" / "DDPM_conditional" / name) == (5 * 18 + 2, 3 * 18 + 2)
+        assert grid_size(in_tmp / "results" / "DDPM_conditional" / name) == (6 * (5 * 18 + 2), 6 * (3 * 18 + 2))
     events = EventAccumulator(str(in_tmp / "runs" / "DDPM_conditional")).Reload()
     assert {"samples", "samples_ema"} <= set(events.Tags()["images"])
 
@@ -178,7 +181,8 @@ def test_grid_has_a_row_per_class_for_ten_classes(in_tmp):
     assert set(grids) == {"", "_ema"}
     assert grids["_ema"].shape == (20, 1, 16, 16)
     trainer.fit()
-    assert grid_size(in_tmp / "results" / "DDPM_conditional" / "0_ema.jpg") == (2 * 18 + 2, 10 * 18 + 2)
+    # 2 columns, one row per class, enlarged 3x (the longer side towards 512 pixels)
+    assert grid_size(in_tmp / "results" / "DDPM_conditional" / "0_ema.jpg") == (3 * (2 * 18 + 2), 3 * (10 * 18 + 2))
 
 
 def test_grids_can_guide_in_an_interval(in_tmp):

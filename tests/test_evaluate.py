@@ -83,7 +83,7 @@ def test_exact_denoiser_recovers_the_noise_and_its_samples_are_training_images()
 
 def test_evaluate_end_to_end_writes_report_plots_and_readme(in_tmp, monkeypatch):
     monkeypatch.setattr(evaluate, "CFG_SWEEP", [1, 3])
-    monkeypatch.setattr(evaluate, "STEPS_SWEEP", [("ddim", 5), ("ddpm", 5), ("ddpm", None)])
+    monkeypatch.setattr(evaluate, "STEPS_SWEEP", [("ddim", 5), ("dpmpp2m", 5), ("ddpm", 5), ("ddpm", None)])
     ddpm_conditional.main(["--width", "8", "--image_size", "16", "--noise_steps", "20", "--limit", "64",
                            "--epochs", "1", "--sample_every", "0", "--precision", "fp32"])
     readme = in_tmp / "README.md"
@@ -94,17 +94,25 @@ def test_evaluate_end_to_end_writes_report_plots_and_readme(in_tmp, monkeypatch)
     saved = json.loads((in_tmp / "results" / "DDPM_conditional" / "eval.json").read_text())
     assert saved["results"][0]["accuracy"] == report["results"][0]["accuracy"]
     names = [evaluate.setting_name(r) for r in saved["results"]]
-    assert names == ["ddim-5 cfg 3", "ddim-5 cfg 1", "ddpm-5 cfg 3", "ddpm-all cfg 3",
-                     "ddim-5 cfg 3 exact", "ddim-5 cfg 1 exact", "ddpm-5 cfg 3 exact", "ddpm-all cfg 3 exact"]
+    assert names == ["ddim-5 cfg 3", "ddim-5 cfg 1", "dpmpp2m-5 cfg 3", "ddpm-5 cfg 3", "ddpm-all cfg 3",
+                     "ddim-5 cfg 3 exact", "ddim-5 cfg 1 exact", "dpmpp2m-5 cfg 3 exact", "ddpm-5 cfg 3 exact",
+                     "ddpm-all cfg 3 exact"]
+    assert [r["nfe"] for r in saved["results"][:5]] == [5, 5, 5, 5, 19]  # network evaluations, guided or not
     # The exact denoiser reproduces training images, and the memorisation check sees it.
-    assert all(r["memorising"] for r in saved["results"][4:])
+    assert all(r["memorising"] for r in saved["results"][5:])
     assert {"fd", "kid", "nn_ratio", "memorising", "seconds_per_image"} <= set(saved["results"][0])
     assert "off" in saved["inception_fid"]
     for f in ("sweep_cfg.png", "sweep_steps.png", "sweep_steps_grids.png", "eval_samples.png"):
         assert (in_tmp / "results" / "DDPM_conditional" / f).is_file()
     text = readme.read_text()
     assert "old" not in text and text.endswith("<!-- results:end -->\ntail\n") and "| ddim-5 | 3 |" in text
-    assert "| ddim-5 (exact denoiser) | 3 |" in text and "--exact" in text
+    assert "| ddim-5 (exact denoiser) | 3 |" in text and "--sweep all --exact" in text
+    # the frontier: each sampler's accuracy, FD and time per image at each count of network evaluations
+    frontier = text[text.index("| sampler | 5 | 19 |"):].splitlines()
+    first = {r["sampler"]: r for r in saved["results"][:5] if r["steps"] == 5 and r["cfg_scale"] == 3}
+    assert frontier[2].startswith(f"| ddpm | {100 * first['ddpm']['accuracy']:.1f}%, {first['ddpm']['fd']:.2f}, ")
+    assert frontier[3].startswith("| ddim | ") and frontier[3].endswith(" s | - |")
+    assert frontier[4].startswith("| dpmpp2m | ")
     assert (in_tmp / "assets" / "sweep_cfg.png").is_file()
     assert (in_tmp / "models" / "DDPM_conditional" / "judge.pt").is_file()  # cached for the next call
 
@@ -119,6 +127,8 @@ def test_evaluate_end_to_end_writes_report_plots_and_readme(in_tmp, monkeypatch)
     assert 0 <= unguided["results"][0]["class_entropy"] <= 1 and "accuracy" not in unguided["results"][0]
     with pytest.raises(UserError, match="--unconditional asks for none"):
         evaluate.evaluate(evaluate.build_parser().parse_args(args + ["--unconditional", "--cfg_scale", "2"]))
+    with pytest.raises(UserError, match="--steps must be in"):
+        evaluate.evaluate(evaluate.build_parser().parse_args(args + ["--steps", "-3"]))
 
 
 def test_evaluate_unconditional_run_has_no_guidance_and_reports_class_entropy(in_tmp, monkeypatch):

@@ -9,7 +9,8 @@ from PIL import Image
 
 import ddpm_conditional
 import sample
-from ddpm import Diffusion
+from ddpm import SAMPLERS, Diffusion
+from evaluate import ExactDenoiser
 from modules import UNet, UNet_conditional
 from utils import UserError, run_main
 
@@ -46,23 +47,96 @@ def test_same_seed_same_images():
     assert torch.equal(*images)
 
 
-def test_ddim_full_chain_eta1_has_the_ancestral_mean():
-    """DDIM over every step with eta=1 has the mean of the ancestral update (Song et al. 2021, eq. 16)."""
-    d = Diffusion(noise_steps=50, img_size=8, c_in=1)
-    x, eps = torch.randn(2, 1, 8, 8), torch.randn(2, 1, 8, 8)
-    for i in (49, 20, 2):
-        ddim_mean = d.ddim_step(x, eps, i, i - 1, eta=1.0, last=True)  # last=True: no noise added, the mean
-        ddpm_mean = d.ddpm_step(x, eps, i, d.beta[i], last=True)
-        torch.testing.assert_close(ddim_mean, ddpm_mean, atol=1e-5, rtol=1e-4)
+def final_x(d, model, x_T, **kwargs):
+    """The chain's last x (at timestep 0) in its own dtype, before the conversion to uint8."""
+    trajectory = []
+    d.sample(model, len(x_T), noise=x_T, progress=False, callback=lambda t, x: trajectory.append(x), **kwargs)
+    return trajectory[-1]
 
 
-def test_full_respacing_is_the_original_chain():
-    d, model, x_T = Diffusion(noise_steps=30, img_size=8, c_in=1), FixedNoise(), torch.randn(2, 1, 8, 8)
+def test_the_respaced_ancestral_chain_is_ddim_at_eta_1():
+    """Respaced, the ancestral chain takes the posterior variance beta~' (DDPM eq. 7): it is then DDIM at eta = 1
+    (DDIM eq. 16), same mean and same noise, where the large variance beta' would add more noise each step."""
+    d, model = Diffusion(img_size=8, c_in=1), FixedNoise().double()
+    x_T = torch.randn(2, 1, 8, 8, dtype=torch.float64)
     torch.manual_seed(3)
-    original = d.sample(model, 2, noise=x_T, progress=False)
+    ancestral = final_x(d, model, x_T, sampler="ddpm", steps=10)
     torch.manual_seed(3)
-    respaced = d.sample(model, 2, steps=29, noise=x_T, progress=False)
-    assert (original.int() - respaced.int()).abs().max() <= 1
+    ddim = final_x(d, model, x_T, sampler="ddim", steps=10, eta=1.0)
+    torch.testing.assert_close(ancestral, ddim, rtol=1e-4, atol=1e-4)  # the two formulas' float32 coefficients
+
+
+@pytest.mark.parametrize("sampler", SAMPLERS)
+def test_a_one_step_chain_starts_from_pure_noise_at_T_minus_1(sampler):
+    """From x_T alone, one step of the exact denoiser of a single image returns that image (not noise)."""
+    image = torch.randint(0, 256, (1, 1, 8, 8), generator=torch.Generator().manual_seed(0)).to(torch.uint8)
+    d = Diffusion(img_size=8, c_in=1)
+    assert d.timesteps(1).tolist() == d.timesteps(1, log_snr=True).tolist() == [999]
+    images = d.sample(ExactDenoiser(image, None, d), 4, sampler=sampler, steps=1, progress=False)
+    # what remains is the noise of timestep 0: sqrt(1 - alpha_hat_0) = 0.01, about one grey level
+    assert (images.float() - image.float()).abs().mean() < 2
+
+
+@pytest.mark.parametrize("log_snr", [False, True])
+def test_every_step_count_visits_that_many_distinct_timesteps_from_T_minus_1(log_snr):
+    d = Diffusion(noise_steps=100)
+    for steps in range(1, 100):
+        t = d.timesteps(steps, log_snr)
+        assert len(t) == steps and t[0] == 99 and t[-1] >= 1 and bool((t[1:] < t[:-1]).all())
+
+
+def test_log_snr_spacing_takes_equal_lambda_steps_where_the_timesteps_allow():
+    d = Diffusion()
+    kept = d.timesteps(10, log_snr=True)
+    h = d.lambda_t(torch.cat([kept, kept.new_zeros(1)])).diff()
+    # the whole range, lambda_999 = -5.06 to lambda_0 = 4.61, in ten steps of 0.97 (integer timesteps: +-0.1)
+    torch.testing.assert_close(h, torch.full_like(h, 0.966), atol=0.1, rtol=0)
+
+
+def test_dpmpp2m_takes_ddim_steps_first_and_last():
+    """DPM-Solver++(2M) extrapolates the x0 prediction only between its first and last step: at 1 step it is DDIM
+    at 1 step, and at 2 steps DDIM over its 2 timesteps."""
+    images = torch.randint(0, 256, (2, 1, 8, 8), generator=torch.Generator().manual_seed(0)).to(torch.uint8)
+    d = Diffusion(img_size=8, c_in=1)
+    model = ExactDenoiser(images, None, d)  # its x0 is in [-1, 1]: the clipped first step changes nothing
+    x_T = torch.randn(3, 1, 8, 8, dtype=torch.float64)
+    one_step = {s: final_x(d, model, x_T, sampler=s, steps=1) for s in ("ddim", "dpmpp2m")}
+    torch.testing.assert_close(one_step["dpmpp2m"], one_step["ddim"], rtol=1e-7, atol=1e-7)  # float32 schedule
+    x, kept = x_T, d.timesteps(2, log_snr=True).tolist()
+    for i, j in zip(kept, kept[1:] + [0]):
+        x = d.ddim_step(x, model(x, torch.full((3,), i)), i, j, eta=0.0, last=j == 0)
+    torch.testing.assert_close(final_x(d, model, x_T, sampler="dpmpp2m", steps=2), x, rtol=1e-7, atol=1e-7)
+
+
+@pytest.fixture(scope="module")
+def three_images_converged():
+    """The exact denoiser of 3 random images (float64), 16 x_T and where a 999-step DPM-Solver++ takes them."""
+    images = torch.randint(0, 256, (3, 1, 8, 8), generator=torch.Generator().manual_seed(0)).to(torch.uint8)
+    d = Diffusion(img_size=8, c_in=1)
+    exact = ExactDenoiser(images, None, d)
+    x_T = torch.randn(16, 1, 8, 8, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    return d, exact, x_T, final_x(d, exact, x_T, sampler="dpmpp2m", steps=999)
+
+
+@pytest.mark.parametrize("sampler, order", [("ddim", 1), ("dpmpp2m", 2)])
+def test_the_error_shrinks_at_the_rate_of_the_samplers_order(three_images_converged, sampler, order):
+    """Each chain's error against the converged reference from the same x_T divides by 2^order when the steps
+    double (the median over the 16 trajectories)."""
+    d, exact, x_T, reference = three_images_converged
+    errors = torch.stack([(final_x(d, exact, x_T, sampler=sampler, steps=steps) - reference).flatten(1).norm(dim=1)
+                          for steps in (80, 160, 320)]).median(1).values
+    observed = (errors[:-1] / errors[1:]).log2()  # measured: 1.02 and 1.00 for DDIM, 2.09 and 1.99 for DPM-Solver++
+    assert ((observed - order).abs() < 0.2).all(), observed
+
+
+def test_samples_are_rounded_as_the_real_images_are():
+    """uint8 samples are the nearest grey level of the chain's last x: no -0.5 bias from truncation."""
+    d = Diffusion(img_size=16, c_in=1)
+    x_T = torch.randn(8, 1, 16, 16)
+    images = d.sample(FixedNoise(), 8, sampler="ddim", steps=5, noise=x_T, progress=False)
+    exact = (final_x(d, FixedNoise(), x_T, sampler="ddim", steps=5).clamp(-1, 1) + 1) * 127.5
+    assert (images - exact).abs().max() <= 0.5 + 1e-4
+    assert abs((images - exact).mean()) < 0.05
 
 
 def test_respaced_betas_reproduce_alpha_hat_at_the_kept_steps():
@@ -123,6 +197,11 @@ def test_bad_sampler_arguments():
         d.sample(model, 1, sampler="euler", progress=False)
     with pytest.raises(ValueError, match="steps"):
         d.sample(model, 1, sampler="ddim", steps=10, progress=False)
+    for eta in (1.5, -0.1):  # past 1 DDIM's variance exceeds 1 - alpha_hat: the square root of a negative number
+        with pytest.raises(ValueError, match=r"eta must be in \[0, 1\]"):
+            d.sample(model, 1, sampler="ddim", steps=5, eta=eta, progress=False)
+    with pytest.raises(ValueError, match="eta"):
+        d.sample(model, 1, sampler="dpmpp2m", steps=5, eta=0.5, progress=False)
 
 
 def make_run(folder, conditional=True):
@@ -198,7 +277,7 @@ def test_sample_command_writes_grid_and_images(tmp_path, capsys):
     out = tmp_path / "grid.png"
     sample.main(["--run", str(tmp_path / "run"), "--labels", "2", "0", "--n", "3", "--steps", "4",
                  "--out", str(out), "--out_dir", str(tmp_path / "each"), "--precision", "fp32"])
-    with Image.open(out) as im:  # rows = labels, columns = n; 56 pixels wide, enlarged 9x towards 512
+    with Image.open(out) as im:  # rows = labels, columns = n; 56 pixels wide, enlarged 9x towards 512 pixels
         assert im.size == (9 * (3 * 18 + 2), 9 * (2 * 18 + 2))
         grid = np.asarray(im)
     assert (grid[::9, ::9].repeat(9, 0).repeat(9, 1) == grid).all()  # nearest neighbour: 9x9 blocks
@@ -220,6 +299,17 @@ def test_sample_command_guidance_interval(tmp_path):
     assert (tmp_path / "all.png").read_bytes() != (tmp_path / "high.png").read_bytes()
     with pytest.raises(UserError, match="guidance_interval"):
         run("bad.png", "--guidance_interval", "10", "20")
+
+
+def test_sample_command_bad_sampler_arguments_are_one_line_errors(tmp_path):
+    make_run(tmp_path / "unconditional", conditional=False)
+    make_run(tmp_path / "conditional")
+    for run, flags, message in (("unconditional", ["--steps", "-3"], "steps must be in"),
+                                ("unconditional", ["--steps", "4", "--eta", "2"], "eta must be in"),
+                                ("conditional", ["--steps", "4", "--eta", "1.5"], "eta must be in"),
+                                ("conditional", ["--steps", "4", "--sampler", "dpmpp2m", "--eta", "0.5"], "--eta is the ddim sampler's noise")):
+        with pytest.raises(UserError, match=message):
+            sample.main(["--run", str(tmp_path / run), "--out", str(tmp_path / "x.png"), *flags])
 
 
 def test_sample_command_same_seed_same_file(tmp_path):
