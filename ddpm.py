@@ -19,8 +19,9 @@ from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 from modules import UNet
-from utils import (UserError, autocast_dtype, barrier, get_data, init_distributed, load_checkpoint, make_grid,
-                   pick_device, run_main, save_checkpoint, save_images, save_json, seed_everything, setup_logging)
+from utils import (PRECISION_HELP, UserError, autocast_dtype, barrier, get_data, init_distributed, load_checkpoint,
+                   make_grid, pick_device, run_main, save_checkpoint, save_images, save_json, seed_everything,
+                   setup_logging, stop_workers)
 
 
 class Diffusion:
@@ -196,7 +197,7 @@ class Trainer:
         self.model = self.build_model().to(self.device)
         # DDP and torch.compile wrap the model for training; checkpoints come from the plain module
         self.net = self.model
-        if self.world_size > 1:
+        if dist.is_initialized():  # under torchrun, even with one process
             self.net = DDP(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         if args.compile:
             self.net = torch.compile(self.net)
@@ -305,7 +306,8 @@ class Trainer:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
-        self.scaler.load_state_dict(state["scaler"])
+        if state["scaler"]:  # empty when saved without loss scaling (bf16, fp32): an fp16 resume starts afresh
+            self.scaler.load_state_dict(state["scaler"])
         self.step, self.epoch, self.batch = state["step"], state["epoch"], state["batch"]
         # the optimisation flags given now win over the saved ones
         self.scheduler.base_lrs = [a.lr] * len(self.optimizer.param_groups)
@@ -361,7 +363,8 @@ class Trainer:
         if self.is_main:
             # a resumed run drops the TensorBoard events written after its checkpoint
             self.logger = SummaryWriter(f"runs/{a.run_name}", purge_step=self.epoch * steps + self.batch if a.resume else None)
-            print(f"world size {self.world_size}: global batch {a.batch_size * self.world_size} "
+            backend = f" ({dist.get_backend()})" if dist.is_initialized() else ""
+            print(f"world size {self.world_size}{backend}: global batch {a.batch_size * self.world_size} "
                   f"({a.batch_size} per process)")
             print(f"training {a.run_name}: {len(self.loader.dataset)} images {a.c_in}x{a.image_size}x{a.image_size}, "
                   f"{sum(p.numel() for p in self.model.parameters()) / 1e6:.2f}M parameters, device {self.device}, "
@@ -380,6 +383,7 @@ class Trainer:
                 signal.signal(s, handler)
             if self.is_main:
                 self.logger.close()
+            stop_workers(self.loader)
 
     def train_epoch(self, epoch: int) -> None:
         a, steps = self.args, len(self.loader)
@@ -487,8 +491,7 @@ def build_parser(description: str = "Train an unconditional DDPM.", run_name: st
     p.add_argument("--schedule", choices=["linear", "cosine"], default="linear",
                    help="noise schedule: linear (the original's) or cosine (Nichol & Dhariwal 2021)")
     p.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps")
-    p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
-                   help="autocast precision; auto = bf16 where the hardware does it natively, else fp32")
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto", help=PRECISION_HELP)
     p.add_argument("--seed", type=int, default=0, help="random seed")
     p.add_argument("--limit", type=int, default=None, help="use only the first N images (smoke runs)")
     p.add_argument("--sample_every", type=int, default=None,

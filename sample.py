@@ -18,7 +18,8 @@ import torch.nn as nn
 import ddpm
 import ddpm_conditional
 from modules import UNet, UNet_conditional
-from utils import UserError, autocast_dtype, load_checkpoint, pick_device, run_main, save_images, seed_everything
+from utils import (PRECISION_HELP, UserError, autocast_dtype, load_checkpoint, pick_device, run_main, save_images,
+                   seed_everything)
 
 
 def architecture_of(state: dict) -> dict:
@@ -101,7 +102,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--img_size", type=int, default=None, help="image size of a bare checkpoint without run.json")
     p.add_argument("--seed", type=int, default=0, help="random seed: the same seed gives the same images")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
-    p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto", help="autocast precision")
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto", help=PRECISION_HELP)
     p.add_argument("--out", default="samples.png", help="the grid image")
     p.add_argument("--out_dir", default=None, help="also write every image as its own PNG here")
     args = p.parse_args(argv)

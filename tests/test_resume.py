@@ -59,6 +59,16 @@ def test_resume_at_an_epoch_end_equals_an_uninterrupted_run(tmp_path, monkeypatc
     assert tensorboard_steps(tmp_path / "b") == list(range(12))
 
 
+def test_resume_across_precisions(in_tmp, device):
+    """The loss scaler has a state in fp16 alone: a run saved without one resumes in fp16, and back."""
+    train(["--epochs", "1", "--precision", "bf16", "--device", device])
+    train(["--epochs", "2", "--precision", "fp16", "--device", device, "--resume"])
+    assert weights(in_tmp, "resume.pt")["scaler"]["scale"] > 0
+    train(["--epochs", "3", "--precision", "fp32", "--device", device, "--resume"])
+    state = weights(in_tmp, "resume.pt")
+    assert state["scaler"] == {} and state["step"] == 12
+
+
 def test_resuming_a_finished_run_says_so(in_tmp, capsys):
     train(["--epochs", "1"])
     train(["--epochs", "1", "--resume"])

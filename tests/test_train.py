@@ -1,4 +1,6 @@
+import multiprocessing
 import re
+import signal
 import subprocess
 import sys
 
@@ -127,3 +129,38 @@ def test_precision_auto_and_emulated_cpu_warning(monkeypatch, capsys, native):
     assert autocast_dtype("fp16", cpu) == torch.float16
     assert "no native fp16 arithmetic" in (err := capsys.readouterr().err)
     assert f"--precision auto picks {'bf16' if native else 'fp32'} here" in err
+
+
+@pytest.mark.parametrize("capability, auto", [((9, 0), torch.bfloat16), ((8, 0), torch.bfloat16),
+                                              ((7, 5), torch.float16), ((7, 0), torch.float16), ((6, 1), None)])
+def test_precision_auto_on_a_gpu_follows_its_compute_capability(monkeypatch, capsys, capability, auto):
+    """bf16 from compute capability 8.0 on, fp16 (with the loss scaler) on 7.x, fp32 before: read off
+    the GPU asked for, not the current one, and not from is_bf16_supported(), which counts emulation."""
+    asked = []
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: asked.append(device) or capability)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: True)
+    gpu = torch.device("cuda", 1)
+    assert autocast_dtype("auto", gpu) == auto
+    assert asked and all(device == gpu for device in asked)
+    assert capsys.readouterr().err == ""
+    assert autocast_dtype("bf16", gpu) == torch.bfloat16
+    err = capsys.readouterr().err
+    assert (err == "") == (capability >= (8, 0))
+    if err:
+        assert err.count("\n") == 1 and f"compute capability {capability[0]}.{capability[1]}" in err
+        assert f"--precision auto picks {'fp16' if auto else 'fp32'} here" in err
+
+
+def test_worker_processes_end_with_training(in_tmp):
+    """Data workers ignore SIGTERM, so multiprocessing's terminate() at exit cannot end them: unless
+    fit() ends them, finished or stopped, the process hangs at exit."""
+    write_images(in_tmp / "data" / "a", 8, size=16)
+    args = ddpm.parse_args(ddpm.build_parser(), [*TINY, "--dataset_path", "data", "--batch_size", "4", "--epochs", "1",
+                                                  "--sample_every", "0", "--num_workers", "2"])
+    trainer = ddpm.Trainer(args)
+    trainer.fit()
+    assert not multiprocessing.active_children()
+    trainer.args.epochs, trainer.stop_signal = 2, signal.SIGTERM  # as a SIGTERM during the second epoch
+    with pytest.raises(SystemExit):
+        trainer.fit()
+    assert not multiprocessing.active_children()
