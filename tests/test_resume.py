@@ -44,16 +44,17 @@ def tensorboard_steps(folder):
     return [e.step for e in EventAccumulator(str(folder / "runs" / "r")).Reload().Scalars("MSE")]
 
 
-def test_resume_at_an_epoch_end_equals_an_uninterrupted_run(tmp_path, monkeypatch):
+def test_resume_at_an_epoch_end_equals_an_uninterrupted_run(tmp_path, monkeypatch, device):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
     os.chdir(tmp_path / "a")
-    train(["--epochs", "3"])
+    train(["--epochs", "3", "--device", device])
     os.chdir(tmp_path / "b")
-    train(["--epochs", "2"])
-    train(["--epochs", "3", "--resume"])
+    train(["--epochs", "2", "--device", device])
+    train(["--epochs", "3", "--resume", "--device", device])
     for name in ("ckpt.pt", "ema_ckpt.pt"):
-        assert_same_weights(weights(tmp_path / "a", name), weights(tmp_path / "b", name))
+        # CUDA's backward kernels add in a varying order: the same run twice differs in the last bits
+        assert_same_weights(weights(tmp_path / "a", name), weights(tmp_path / "b", name), exact=device == "cpu")
     state = weights(tmp_path / "b", "resume.pt")
     assert (state["step"], state["epoch"], state["ema"]["step"]) == (12, 3, 12)
     assert tensorboard_steps(tmp_path / "b") == list(range(12))

@@ -191,11 +191,11 @@ def test_a_malicious_pickle_is_refused_without_running(tmp_path):
         sample.load(tmp_path / "junk.pt")
 
 
-def test_sample_command_writes_grid_and_images(tmp_path, capsys):
+def test_sample_command_writes_grid_and_images(tmp_path, capsys, device):
     make_run(tmp_path / "run")
     out = tmp_path / "grid.png"
     sample.main(["--run", str(tmp_path / "run"), "--labels", "2", "0", "--n", "3", "--steps", "4",
-                 "--out", str(out), "--out_dir", str(tmp_path / "each"), "--precision", "fp32"])
+                 "--out", str(out), "--out_dir", str(tmp_path / "each"), "--precision", "fp32", "--device", device])
     with Image.open(out) as im:
         assert im.size == (3 * 18 + 2, 2 * 18 + 2)  # rows = labels, columns = n
     assert len(list((tmp_path / "each").glob("*.png"))) == 6
@@ -215,11 +215,11 @@ def test_sample_command_guidance_interval(tmp_path):
         run("bad.png", "--guidance_interval", "10", "20")
 
 
-def test_sample_command_same_seed_same_file(tmp_path):
+def test_sample_command_same_seed_same_file(tmp_path, device):
     make_run(tmp_path / "run", conditional=False)
     for name in ("a.png", "b.png"):
         sample.main(["--run", str(tmp_path / "run"), "--n", "4", "--steps", "5", "--sampler", "ddpm",
-                     "--out", str(tmp_path / name), "--seed", "1"])
+                     "--out", str(tmp_path / name), "--seed", "1", "--device", device])
     assert (tmp_path / "a.png").read_bytes() == (tmp_path / "b.png").read_bytes()
 
 

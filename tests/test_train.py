@@ -35,9 +35,9 @@ def test_loss_drops_on_a_fixed_batch(in_tmp):
     assert after < 0.5 * before, (before, after)
 
 
-def test_training_writes_the_original_artefacts(in_tmp):
+def test_training_writes_the_original_artefacts(in_tmp, device):
     ddpm.main([*TINY, "--limit", "64", "--batch_size", "16", "--epochs", "3", "--sample_every", "2",
-               "--n_samples", "4", "--log_every", "2", "--run_name", "tiny"])
+               "--n_samples", "4", "--log_every", "2", "--run_name", "tiny", "--device", device])
     assert sorted(p.name for p in (in_tmp / "results" / "tiny").iterdir()) == ["1.jpg", "2.jpg"]
     model = UNet(c_in=1, c_out=1, width=8, input_skip=True)
     model.load_state_dict(torch.load(in_tmp / "models" / "tiny" / "ckpt.pt", weights_only=True), strict=True)
@@ -93,16 +93,16 @@ def test_command_line_error_has_no_traceback(in_tmp):
     assert len(lines) == 1 and lines[0].startswith("error: dataset folder 'empty' holds no images")
 
 
-def test_bf16_loss_curve_tracks_fp32(in_tmp):
+def test_bf16_loss_curve_tracks_fp32(in_tmp, device):
     """bf16 autocast changes the arithmetic, not the training: the same losses, fp32 master weights."""
     curves = {}
     for precision in ("fp32", "bf16"):
         args = ddpm.parse_args(ddpm.build_parser(), [
             "--width", "8", "--image_size", "16", "--noise_steps", "100", "--limit", "16", "--batch_size", "16",
             "--lr", "3e-3", "--warmup", "0", "--lr_schedule", "constant", "--precision", precision,
-            "--run_name", precision])
+            "--run_name", precision, "--device", device])
         trainer = ddpm.Trainer(args)
-        images, labels = next(iter(trainer.loader))
+        images, labels = (t.to(device) for t in next(iter(trainer.loader)))
         torch.manual_seed(0)  # the same timesteps and noise for both precisions
         curves[precision] = torch.stack([trainer.train_step(images, labels) for _ in range(40)])
         assert all(p.dtype == torch.float32 for p in trainer.model.parameters())
