@@ -3,12 +3,15 @@
     python benchmark.py                                   # the embedded-digits default configuration
     python benchmark.py --image_size 64 --c_in 3 --width 64 --batch_size 12   # the original's configuration
     python benchmark.py --json bench.json                 # also write the numbers
+    python benchmark.py --image_size 64 --c_in 3 --width 64 --batch_size 12 --original   # as the original ran
 
 It measures the machine's matmul peak (fp32 and bf16), the real training step (forward, loss,
 backward, AdamW, EMA) in images/s with its FLOPs counted by FlopCounterMode and the utilisation
 against the peak of the precision in use, the share of the step's time and FLOPs that attention
-takes (torch.profiler; `--profile` prints the top operators), the fast sampler's cost with and
-without guidance, and peak memory.
+takes (torch.profiler; `--profile` prints the top operators), the sampler's cost with and
+without guidance (the in-training grids' DDIM-50, or with `--full_chain` the original's chain
+over every step), and peak memory. `--original` times the original's own training: fp32, its
+network (no input skip) and its attention, which materialises the attention weights.
 """
 import argparse
 import os
@@ -22,6 +25,7 @@ from typing import Callable
 
 os.environ.setdefault("KINETO_LOG_LEVEL", "5")  # the profiler's "gpuGetDeviceCount failed" on CPU-only machines
 import torch
+import torch.nn as nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.profiler import ProfilerActivity, profile
 from torch.utils.data import DataLoader, TensorDataset
@@ -29,7 +33,9 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import ddpm
 import ddpm_conditional
-from utils import autocast_dtype, cpu_has_native, pick_device, run_main, save_json, update_readme_block
+from modules import SelfAttention
+from utils import (UserError, add_runtime_args, autocast_dtype, cpu_has_native, pick_device, precision_name, run_main,
+                   save_json, update_readme_block)
 
 
 def sync(device: torch.device) -> None:
@@ -104,24 +110,51 @@ def peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB on Linux
 
 
+class OriginalAttention(SelfAttention):
+    """SelfAttention computed as the original does: through nn.MultiheadAttention, which by default
+    also returns the attention weights (averaged over the heads), so it materialises the (HW x HW)
+    matrix instead of calling a fused kernel. Same parameters, same outputs."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, C, H, W = x.shape
+        tokens = x.flatten(2).transpose(1, 2)  # (B, HW, C)
+        normed = self.ln(tokens)
+        attended, _ = self.mha(normed, normed, normed, need_weights=True)
+        tokens = tokens + attended
+        tokens = tokens + self.ff_self(tokens)
+        return tokens.transpose(1, 2).unflatten(2, (H, W))
+
+
+def use_original_attention(model: nn.Module) -> None:
+    """Switch every attention layer of `model` to OriginalAttention, in place (its weights stay)."""
+    for layer in model.modules():
+        if type(layer) is SelfAttention:
+            layer.__class__ = OriginalAttention
+
+
 def build_trainer(args: argparse.Namespace, device: torch.device) -> ddpm.Trainer:
     """The scripts' real Trainer on random images of the configuration (written into a temporary folder)."""
     argv = ["--image_size", str(args.image_size), "--c_in", str(args.c_in), "--width", str(args.width),
             "--batch_size", str(args.batch_size), "--precision", args.precision, "--device", str(device),
-            "--dataset_path", "synthetic"] + (["--compile"] if args.compile else [])
+            "--noise_steps", str(args.noise_steps), "--dataset_path", "synthetic"]
+    argv += (["--compile"] if args.compile else []) + (["--no-input_skip"] if args.original else [])
     script = ddpm_conditional if args.conditional else ddpm
     targs = ddpm.parse_args(script.build_parser(), argv)
     targs.c_in, targs.num_classes_found, targs.class_names = args.c_in, 10, [str(i) for i in range(10)]
     images = torch.randn(args.batch_size, args.c_in, args.image_size, args.image_size).clamp(-1, 1)
     loader = DataLoader(TensorDataset(images, torch.arange(args.batch_size) % 10), batch_size=args.batch_size)
-    return script.Trainer(targs, loader=loader)
+    trainer = script.Trainer(targs, loader=loader)
+    if args.original:  # before the first step, so that --compile traces the original's attention
+        for model in (trainer.model, getattr(trainer, "ema_model", trainer.model)):
+            use_original_attention(model)
+    return trainer
 
 
 def benchmark(args: argparse.Namespace) -> dict:
     device = pick_device(args.device)
     dtype = autocast_dtype(args.precision, device)
     torch.manual_seed(0)
-    precision = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
+    precision = precision_name(dtype)
     dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
     if device.type == "cuda" or precision == "fp16":
         dtypes["fp16"] = torch.float16
@@ -154,8 +187,8 @@ def benchmark(args: argparse.Namespace) -> dict:
 
     n = args.sample_n
     diffusion, model = trainer.diffusion, getattr(trainer, "ema_model", trainer.model)
-    kind = trainer.grid_sampler()
-    steps = kind["steps"]
+    kind = dict(sampler="ddpm", steps=None) if args.full_chain else trainer.grid_sampler()
+    steps = len(diffusion.timesteps(kind["steps"]))
 
     def sample(cfg_scale):
         with trainer.autocast():
@@ -177,7 +210,8 @@ def benchmark(args: argparse.Namespace) -> dict:
 
     result = {
         "device": device_name(device),
-        "config": {k: getattr(args, k) for k in ("image_size", "c_in", "width", "batch_size", "conditional", "compile")},
+        "config": {k: getattr(args, k) for k in ("image_size", "c_in", "width", "batch_size", "conditional", "compile",
+                                                 "original")},
         "precision": precision,
         "peak_tflops": {k: v / 1e12 for k, v in peaks.items()},
         "train_step_s": step,
@@ -195,13 +229,16 @@ def benchmark(args: argparse.Namespace) -> dict:
     return result
 
 
+ORIGINAL = ", the original's network and attention"
+
+
 def print_table(r: dict) -> None:
     c = r["config"]
     rows = [
         ("device", r["device"]),
         ("configuration", f"{c['c_in']}x{c['image_size']}x{c['image_size']}, width {c['width']}, batch {c['batch_size']}, "
                           f"{'conditional' if c['conditional'] else 'unconditional'}, {r['precision']}"
-                          f"{', compiled' if c['compile'] else ''}"),
+                          f"{', compiled' if c['compile'] else ''}{ORIGINAL if c['original'] else ''}"),
         ("matmul peak", ", ".join(f"{k} {v:.3g} TFLOP/s" for k, v in r["peak_tflops"].items())),
         ("training", f"{r['train_step_s']:.3f} s/step, {r['train_images_per_s']:.1f} images/s"),
         ("training FLOPs", f"{r['train_gflop_per_step']:.1f} GFLOP/step = {r['train_tflops']:.3f} TFLOP/s"),
@@ -226,7 +263,8 @@ README_HEADER = ["| device | configuration | training | utilisation | attention:
 def readme_row(r: dict) -> str:
     c = r["config"]
     config = (f"{c['c_in']}x{c['image_size']}², width {c['width']}, batch {c['batch_size']}, {r['precision']}"
-              f"{', compiled' if c['compile'] else ''}{'' if c['conditional'] else ', unconditional'}")
+              f"{', compiled' if c['compile'] else ''}{ORIGINAL if c['original'] else ''}"
+              f"{'' if c['conditional'] else ', unconditional'}")
     sampling = " / ".join(f"{r['sample_s_per_image'][k]:.3f}" for k in r["sample_s_per_image"])
     peaks = ", ".join(f"{k} {v:.3g}" for k, v in r["peak_tflops"].items())
     return (f"| {r['device']} | {config} | {r['train_images_per_s']:.1f} img/s ({r['train_step_s']:.3f} s/step, "
@@ -255,9 +293,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--width", type=int, default=32)
     p.add_argument("--batch_size", type=int, default=64)
     p.add_argument("--unconditional", dest="conditional", action="store_false", help="benchmark ddpm.py's step")
-    p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto")
-    p.add_argument("--device", default="auto")
+    add_runtime_args(p)
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--original", action="store_true",
+                   help="time the original's training: fp32, no input skip, attention through nn.MultiheadAttention "
+                        "returning its weights")
+    p.add_argument("--noise_steps", type=int, default=1000, help="diffusion steps T")
+    p.add_argument("--full_chain", action="store_true",
+                   help="time the original's sampler (ancestral, all T-1 steps) instead of the in-training grids'")
     p.add_argument("--repeats", type=int, default=5, help="timed training steps (median)")
     p.add_argument("--sample_n", type=int, default=16, help="images per sampling measurement")
     p.add_argument("--matmul_size", type=int, default=4096)
@@ -265,6 +308,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--json", default=None, help="also write the results here")
     p.add_argument("--readme", default=None, help="put the result as a row of this README's benchmark table")
     args = p.parse_args(argv)
+    if args.original:
+        if args.precision not in ("auto", "fp32"):
+            raise UserError(f"--original trains in fp32, as the original did: drop --precision {args.precision}")
+        args.precision = "fp32"
     result = benchmark(args)
     print_table(result)
     if args.json:

@@ -275,7 +275,7 @@ class Trainer:
         self.model = self.build_model().to(self.device)
         # DDP and torch.compile wrap the model for training; checkpoints come from the plain module
         self.net = self.model
-        if self.world_size > 1:
+        if dist.is_initialized():  # under torchrun, even with one process
             self.net = DDP(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         if args.compile:
             self.net = torch.compile(self.net)
@@ -463,7 +463,8 @@ class Trainer:
         if self.is_main:
             # a resumed run drops the TensorBoard events written after its checkpoint
             self.logger = SummaryWriter(f"runs/{a.run_name}", purge_step=self.epoch * steps + self.batch if a.resume else None)
-            print(f"world size {self.world_size}: global batch {a.batch_size * self.world_size} "
+            backend = f" ({dist.get_backend()})" if dist.is_initialized() else ""
+            print(f"world size {self.world_size}{backend}: global batch {a.batch_size * self.world_size} "
                   f"({a.batch_size} per process)")
             print(f"training {a.run_name}: {len(self.loader.dataset)} images {a.c_in}x{a.image_size}x{a.image_size}, "
                   f"{sum(p.numel() for p in self.model.parameters()) / 1e6:.2f}M parameters, device {self.device}, "

@@ -52,8 +52,7 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 def add_runtime_args(p: argparse.ArgumentParser) -> None:
     """--device, --precision and --seed, as every script takes them."""
     p.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps")
-    p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
-                   help="autocast precision; auto = bf16 where the hardware does it natively, else fp32")
+    p.add_argument("--precision", choices=["auto", *PRECISIONS], default="auto", help=PRECISION_HELP)
     p.add_argument("--seed", type=int, default=0, help="random seed: the same seed gives the same results")
 
 
@@ -91,17 +90,46 @@ def cpu_has_native(dtype: torch.dtype) -> bool:
     return any(getattr(torch.cpu, check, lambda: False)() for check in checks)
 
 
+# The compute capability from which an NVIDIA GPU has tensor cores for a dtype: bf16 from Ampere
+# (8.0), fp16 from Volta (7.0). Older GPUs emulate bf16 (torch.cuda.is_bf16_supported() still says
+# yes) and run fp16 without tensor cores.
+CUDA_NATIVE_FROM = {torch.bfloat16: (8, 0), torch.float16: (7, 0)}
+
+
+def has_native(dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether `device` computes in `dtype` natively: for CUDA the GPU asked for, not the current one."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_capability(device) >= CUDA_NATIVE_FROM[dtype]
+    return device.type == "cpu" and cpu_has_native(dtype)
+
+
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}  # --precision: autocast dtype
+PRECISION_HELP = ("autocast precision; auto = bf16 where the hardware computes it natively (CPUs with AVX512-BF16 "
+                  "or AMX, GPUs of compute capability 8.0+), fp16 with loss scaling on GPUs of compute capability "
+                  "7.x (fp16 tensor cores, no bf16), else fp32")
+
+
+def precision_name(dtype: torch.dtype | None) -> str:
+    """The --precision name of an autocast dtype (None: fp32)."""
+    return next(name for name, d in PRECISIONS.items() if d == dtype)
+
+
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype for `--precision` (None means plain fp32)."""
+    """The autocast dtype for `--precision` (None means plain fp32); see PRECISION_HELP for auto."""
     if precision == "auto":
-        if device.type == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
-        return torch.bfloat16 if device.type == "cpu" and cpu_has_native(torch.bfloat16) else None
-    dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
-    if device.type == "cpu" and dtype is not None and not cpu_has_native(dtype):
-        auto = "fp32" if autocast_dtype("auto", device) is None else "bf16"
-        print(f"warning: this CPU has no native {precision} arithmetic, so PyTorch emulates it, many times slower "
-              f"than fp32; --precision auto picks {auto} here", file=sys.stderr)
+        # fp16 only on GPUs: the CPUs that have it natively (AMX-FP16) have bf16 too
+        candidates = (torch.bfloat16, torch.float16) if device.type == "cuda" else (torch.bfloat16,)
+        return next((dtype for dtype in candidates if has_native(dtype, device)), None)
+    dtype = PRECISIONS[precision]
+    if dtype is not None and device.type in ("cpu", "cuda") and not has_native(dtype, device):
+        if device.type == "cpu":
+            lacks = f"this CPU has no native {precision} arithmetic, so PyTorch emulates it, many times slower than fp32"
+        else:
+            major, minor = torch.cuda.get_device_capability(device)
+            lacks = (f"this GPU (compute capability {major}.{minor}) has no {precision} tensor cores, so it runs "
+                     f"slowly or emulated")
+        print(f"warning: {lacks}; --precision auto picks {precision_name(autocast_dtype('auto', device))} here",
+              file=sys.stderr)
     return dtype
 
 
@@ -111,17 +139,17 @@ def autocast(device: torch.device, dtype: torch.dtype | None):
 
 
 def init_distributed(device: torch.device) -> tuple[int, int, torch.device]:
-    """(rank, world_size, device). Under torchrun: one device per local rank, and the process group
-    from the environment (nccl on CUDA, gloo on CPU). A plain `python` run is rank 0 of 1."""
-    world_size = int(os.environ.get("WORLD_SIZE", 1))
-    if world_size == 1:
+    """(rank, world_size, device). Under torchrun, even with one process: one device per local rank,
+    and the process group from the environment (nccl on CUDA, gloo on CPU). A plain `python` run is
+    rank 0 of 1, without a process group."""
+    if "WORLD_SIZE" not in os.environ:
         return 0, 1, device
     if device.type == "cuda":
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
         torch.cuda.set_device(device)
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return dist.get_rank(), world_size, device
+    return dist.get_rank(), dist.get_world_size(), device
 
 
 def barrier() -> None:

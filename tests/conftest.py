@@ -25,6 +25,21 @@ def write_images(folder: Path, n: int, size: int = 20, mode: str = "RGB", seed: 
     return paths
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "cuda: the CUDA case of a device test (`pytest -m cuda` runs them alone)")
+
+
+@pytest.fixture(params=["cpu", pytest.param("cuda", marks=[
+    pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")])])
+def device(request, monkeypatch) -> str:
+    """The device of an end-to-end test: the CPU, and CUDA where there is a GPU (tools/gpu_check.sh
+    runs those cases). On CUDA, convolutions compute in fp32 rather than TF32, so that the tests'
+    fp32 tolerances hold there too."""
+    if request.param == "cuda":
+        monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    return request.param
+
+
 @pytest.fixture
 def in_tmp(tmp_path, monkeypatch):
     """Run in an empty folder: training writes models/, results/ and runs/ into the working directory."""

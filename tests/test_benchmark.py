@@ -1,10 +1,12 @@
+import copy
 import json
 
 import pytest
 import torch
 
 import benchmark
-from utils import cpu_has_native
+from modules import UNet
+from utils import UserError, cpu_has_native
 
 TINY = ["--image_size", "8", "--width", "8", "--batch_size", "4", "--repeats", "1", "--sample_n", "2",
         "--matmul_size", "64", "--precision", "fp32"]
@@ -38,3 +40,36 @@ def test_peak_matmul_grows_only_while_a_product_is_fast():
     product, flops = benchmark.peak_matmul(torch.float32, cpu, max_n=1024, budget_s=1e6)
     assert flops == 2 * 1024 ** 3 and product().shape == (1024, 1024)  # grows to max_n within a huge one
     assert benchmark.peak_matmul(torch.float32, cpu, max_n=64)[1] == 2 * 64 ** 3
+
+
+def test_the_originals_attention_computes_the_same():
+    """The --original row times nn.MultiheadAttention returning its weights, on the same parameters."""
+    torch.manual_seed(0)
+    fast = UNet(c_in=1, c_out=1, width=8)
+    original = copy.deepcopy(fast)
+    benchmark.use_original_attention(original)
+    assert sum(isinstance(m, benchmark.OriginalAttention) for m in original.modules()) == 6
+    assert original.state_dict().keys() == fast.state_dict().keys()
+    x, t = torch.randn(2, 1, 16, 16), torch.tensor([5, 500])
+    out_fast, out_original = fast(x, t), original(x, t)
+    torch.testing.assert_close(out_original, out_fast, atol=1e-5, rtol=1e-4)
+    out_fast.square().mean().backward()
+    out_original.square().mean().backward()
+    for name in ("sa1.mha.in_proj_weight", "sa6.mha.out_proj.weight", "inc.double_conv.0.weight"):
+        torch.testing.assert_close(original.get_parameter(name).grad, fast.get_parameter(name).grad,
+                                   atol=1e-6, rtol=1e-4)
+
+
+def test_the_originals_run_and_full_chain(in_tmp, monkeypatch):
+    trainers = []
+    build = benchmark.build_trainer
+    monkeypatch.setattr(benchmark, "build_trainer",
+                        lambda args, device: trainers.append(build(args, device)) or trainers[-1])
+    benchmark.main([*TINY, "--original", "--full_chain", "--noise_steps", "10", "--json", "o.json"])
+    r = json.loads((in_tmp / "o.json").read_text())
+    assert r["precision"] == "fp32" and r["config"]["original"] and r["sampler"] == "ddpm-9"
+    model = trainers[0].ema_model
+    assert model.inc_skip is None and isinstance(model.sa3, benchmark.OriginalAttention)
+    assert isinstance(trainers[0].model.sa3, benchmark.OriginalAttention)
+    with pytest.raises(UserError, match="--original trains in fp32"):
+        benchmark.main([*TINY, "--original", "--precision", "bf16"])

@@ -46,15 +46,15 @@ def test_guidance_is_the_lerp_of_two_separate_passes():
             torch.testing.assert_close(d.predict_noise(model, x, t, y, scale), cond)
 
 
-def test_guided_sampling_equals_two_pass_reference():
-    model, d = tiny_model(), Diffusion(noise_steps=100, img_size=8, c_in=1)
-    y, x_T = torch.tensor([2, 0]), torch.randn(2, 1, 8, 8)
+def test_guided_sampling_equals_two_pass_reference(device):
+    model, d = tiny_model().to(device), Diffusion(noise_steps=100, img_size=8, c_in=1)
+    y, x_T = torch.tensor([2, 0], device=device), torch.randn(2, 1, 8, 8, device=device)
     got = d.sample(model, 2, y, cfg_scale=3, sampler="ddim", steps=5, noise=x_T, progress=False)
     x = x_T.clone()
     kept = d.timesteps(5).tolist()
     with torch.no_grad():
         for i, j in zip(kept, kept[1:] + [0]):
-            t = torch.full((2,), i)
+            t = torch.full((2,), i, device=device)
             eps = torch.lerp(model(x, t, None), model(x, t, y), 3.0)
             x0 = (x - (1 - d.alpha_hat[i]).sqrt() * eps) / d.alpha_hat[i].sqrt()
             x = d.alpha_hat[j].sqrt() * x0 + (1 - d.alpha_hat[j]).sqrt() * eps
@@ -155,11 +155,11 @@ def grid_size(path):
         return im.size
 
 
-def test_end_to_end_on_three_class_folders(in_tmp):
+def test_end_to_end_on_three_class_folders(in_tmp, device):
     for i, name in enumerate(["apple", "banana", "cherry"]):
         write_images(in_tmp / "fruit" / name, 4, size=20, seed=i)
     ddpm_conditional.main([*TINY, "--dataset_path", "fruit", "--batch_size", "4", "--epochs", "2",
-                           "--sample_every", "1", "--n_samples", "5", "--ema_start", "1"])
+                           "--sample_every", "1", "--n_samples", "5", "--ema_start", "1", "--device", device])
     run = in_tmp / "models" / "DDPM_conditional"
     assert {p.name for p in run.iterdir()} == {"ckpt.pt", "ema_ckpt.pt", "optim.pt", "resume.pt", "run.json"}
     for name in ("ckpt.pt", "ema_ckpt.pt"):

@@ -82,7 +82,7 @@ def torchrun(folder, *argv):
 def test_torchrun_writes_one_plain_checkpoint_and_resumes(tmp_path):
     result = torchrun(tmp_path, "--epochs", "2")
     assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.count("world size 2: global batch 8 (4 per process)") == 1
+    assert result.stdout.count("world size 2 (gloo): global batch 8 (4 per process)") == 1
     run = tmp_path / "models" / "ddp"
     assert {p.name for p in run.iterdir()} == {"ckpt.pt", "ema_ckpt.pt", "optim.pt", "resume.pt", "run.json"}
     state = torch.load(run / "ckpt.pt", weights_only=True)

@@ -272,11 +272,11 @@ def test_a_malicious_pickle_is_refused_without_running(tmp_path):
         sample.load(tmp_path / "junk.pt")
 
 
-def test_sample_command_writes_grid_and_images(tmp_path, capsys):
+def test_sample_command_writes_grid_and_images(tmp_path, capsys, device):
     make_run(tmp_path / "run")
     out = tmp_path / "grid.png"
     sample.main(["--run", str(tmp_path / "run"), "--labels", "2", "0", "--n", "3", "--steps", "4",
-                 "--out", str(out), "--out_dir", str(tmp_path / "each"), "--precision", "fp32"])
+                 "--out", str(out), "--out_dir", str(tmp_path / "each"), "--precision", "fp32", "--device", device])
     with Image.open(out) as im:  # rows = labels, columns = n; 56 pixels wide, enlarged 9x towards 512 pixels
         assert im.size == (9 * (3 * 18 + 2), 9 * (2 * 18 + 2))
         grid = np.asarray(im)
@@ -312,11 +312,11 @@ def test_sample_command_bad_sampler_arguments_are_one_line_errors(tmp_path):
             sample.main(["--run", str(tmp_path / run), "--out", str(tmp_path / "x.png"), *flags])
 
 
-def test_sample_command_same_seed_same_file(tmp_path):
+def test_sample_command_same_seed_same_file(tmp_path, device):
     make_run(tmp_path / "run", conditional=False)
     for name in ("a.png", "b.png"):
         sample.main(["--run", str(tmp_path / "run"), "--n", "4", "--steps", "5", "--sampler", "ddpm",
-                     "--out", str(tmp_path / name), "--seed", "1"])
+                     "--out", str(tmp_path / name), "--seed", "1", "--device", device])
     assert (tmp_path / "a.png").read_bytes() == (tmp_path / "b.png").read_bytes()
 
 

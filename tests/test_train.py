@@ -1,4 +1,6 @@
+import multiprocessing
 import re
+import signal
 import subprocess
 import sys
 
@@ -33,9 +35,9 @@ def test_loss_drops_on_a_fixed_batch(in_tmp):
     assert after < 0.5 * before, (before, after)
 
 
-def test_training_writes_the_original_artefacts(in_tmp):
+def test_training_writes_the_original_artefacts(in_tmp, device):
     ddpm.main([*TINY, "--limit", "64", "--batch_size", "16", "--epochs", "3", "--sample_every", "2",
-               "--n_samples", "4", "--log_every", "2", "--run_name", "tiny"])
+               "--n_samples", "4", "--log_every", "2", "--run_name", "tiny", "--device", device])
     assert sorted(p.name for p in (in_tmp / "results" / "tiny").iterdir()) == ["1.jpg", "2.jpg"]
     model = UNet(c_in=1, c_out=1, width=8, input_skip=True)
     model.load_state_dict(torch.load(in_tmp / "models" / "tiny" / "ckpt.pt", weights_only=True), strict=True)
@@ -91,16 +93,16 @@ def test_command_line_error_has_no_traceback(in_tmp):
     assert len(lines) == 1 and lines[0].startswith("error: dataset folder 'empty' holds no images")
 
 
-def test_bf16_loss_curve_tracks_fp32(in_tmp):
+def test_bf16_loss_curve_tracks_fp32(in_tmp, device):
     """bf16 autocast changes the arithmetic, not the training: the same losses, fp32 master weights."""
     curves = {}
     for precision in ("fp32", "bf16"):
         args = ddpm.parse_args(ddpm.build_parser(), [
             "--width", "8", "--image_size", "16", "--noise_steps", "100", "--limit", "16", "--batch_size", "16",
             "--lr", "3e-3", "--warmup", "0", "--lr_schedule", "constant", "--precision", precision,
-            "--run_name", precision])
+            "--run_name", precision, "--device", device])
         trainer = ddpm.Trainer(args)
-        images, labels = next(iter(trainer.loader))
+        images, labels = (t.to(device) for t in next(iter(trainer.loader)))
         torch.manual_seed(0)  # the same timesteps and noise for both precisions
         curves[precision] = torch.stack([trainer.train_step(images, labels) for _ in range(40)])
         assert all(p.dtype == torch.float32 for p in trainer.model.parameters())
@@ -127,3 +129,38 @@ def test_precision_auto_and_emulated_cpu_warning(monkeypatch, capsys, native):
     assert autocast_dtype("fp16", cpu) == torch.float16
     assert "no native fp16 arithmetic" in (err := capsys.readouterr().err)
     assert f"--precision auto picks {'bf16' if native else 'fp32'} here" in err
+
+
+@pytest.mark.parametrize("capability, auto", [((9, 0), torch.bfloat16), ((8, 0), torch.bfloat16),
+                                              ((7, 5), torch.float16), ((7, 0), torch.float16), ((6, 1), None)])
+def test_precision_auto_on_a_gpu_follows_its_compute_capability(monkeypatch, capsys, capability, auto):
+    """bf16 from compute capability 8.0 on, fp16 (with the loss scaler) on 7.x, fp32 before: read off
+    the GPU asked for, not the current one, and not from is_bf16_supported(), which counts emulation."""
+    asked = []
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: asked.append(device) or capability)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: True)
+    gpu = torch.device("cuda", 1)
+    assert autocast_dtype("auto", gpu) == auto
+    assert asked and all(device == gpu for device in asked)
+    assert capsys.readouterr().err == ""
+    assert autocast_dtype("bf16", gpu) == torch.bfloat16
+    err = capsys.readouterr().err
+    assert (err == "") == (capability >= (8, 0))
+    if err:
+        assert err.count("\n") == 1 and f"compute capability {capability[0]}.{capability[1]}" in err
+        assert f"--precision auto picks {'fp16' if auto else 'fp32'} here" in err
+
+
+def test_worker_processes_end_with_training(in_tmp):
+    """Data workers ignore SIGTERM, so multiprocessing's terminate() at exit cannot end them: unless
+    fit() ends them, finished or stopped, the process hangs at exit."""
+    write_images(in_tmp / "data" / "a", 8, size=16)
+    args = ddpm.parse_args(ddpm.build_parser(), [*TINY, "--dataset_path", "data", "--batch_size", "4", "--epochs", "1",
+                                                  "--sample_every", "0", "--num_workers", "2"])
+    trainer = ddpm.Trainer(args)
+    trainer.fit()
+    assert not multiprocessing.active_children()
+    trainer.args.epochs, trainer.stop_signal = 2, signal.SIGTERM  # as a SIGTERM during the second epoch
+    with pytest.raises(SystemExit):
+        trainer.fit()
+    assert not multiprocessing.active_children()
