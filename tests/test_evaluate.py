@@ -140,7 +140,7 @@ def test_evaluate_unconditional_run_has_no_guidance_and_reports_class_entropy(in
     report = evaluate.evaluate(evaluate.build_parser().parse_args(
         ["--run", "models/DDPM_Unconditional", "--n", "20", "--steps", "5", "--sweep", "all", "--readme", str(readme),
          "--judge_epochs", "1"]))
-    assert [evaluate.setting_name(r) for r in report["results"]] == ["ddim-5", "ddpm-5"]
+    assert [evaluate.setting_name(r) for r in report["results"]] == ["ddim-5", "ddpm-5", "ddpm-all"]
     assert all(r["cfg_scale"] is None and 0 <= r["class_entropy"] <= 1 for r in report["results"])
     assert "| ddim-5 | - |" in readme.read_text()
     assert (in_tmp / "results" / "DDPM_Unconditional" / "sweep_steps.png").is_file()
