@@ -9,7 +9,7 @@ It measures the machine's matmul peak (fp32 and bf16), the real training step (f
 backward, AdamW, EMA) in images/s with its FLOPs counted by FlopCounterMode and the utilisation
 against the peak of the precision in use, the share of the step's time and FLOPs that attention
 takes (torch.profiler; `--profile` prints the top operators), the sampler's cost with and
-without guidance (the in-training grids' DDIM-50, or with `--full_chain` the original's chain
+without guidance (the in-training grids' sampler, `--sampler`, or with `--full_chain` the original's chain
 over every step), and peak memory. `--original` times the original's own training: fp32, its
 network (no input skip) and its attention, which materialises the attention weights.
 """
@@ -187,7 +187,10 @@ def benchmark(args: argparse.Namespace) -> dict:
 
     n = args.sample_n
     diffusion, model = trainer.diffusion, getattr(trainer, "ema_model", trainer.model)
-    kind = dict(sampler="ddpm", steps=None) if args.full_chain else trainer.grid_sampler()
+    if args.full_chain:
+        kind = dict(sampler="ddpm", steps=None)
+    else:  # the in-training grids' sampler (the default of every script), or the one asked for
+        kind = trainer.grid_sampler() if args.sampler is None else dict(sampler=args.sampler, steps=args.sample_steps)
     steps = len(diffusion.timesteps(kind["steps"]))
 
     def sample(cfg_scale):
@@ -301,6 +304,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--noise_steps", type=int, default=1000, help="diffusion steps T")
     p.add_argument("--full_chain", action="store_true",
                    help="time the original's sampler (ancestral, all T-1 steps) instead of the in-training grids'")
+    p.add_argument("--sampler", choices=ddpm.SAMPLERS, default=None,
+                   help=f"time this sampler at --sample_steps (default: the grids', {ddpm.DEFAULT_SAMPLER})")
+    p.add_argument("--sample_steps", type=int, default=ddpm.DEFAULT_STEPS, help="steps of --sampler")
     p.add_argument("--repeats", type=int, default=5, help="timed training steps (median)")
     p.add_argument("--sample_n", type=int, default=16, help="images per sampling measurement")
     p.add_argument("--matmul_size", type=int, default=4096)

@@ -28,8 +28,10 @@ from utils import (HelpFormatter, SeededSampler, UserError, add_runtime_args, au
 
 
 SAMPLERS = ("ddpm", "ddim", "dpmpp2m")
-# The sampler and step count of sample.py, evaluate.py and the in-training grids.
-DEFAULT_SAMPLER, DEFAULT_STEPS = "ddim", 50
+# The sampler and step count of sample.py, evaluate.py and the in-training grids: on the default run at
+# n = 1000 (README, Results) DPM-Solver++ at 15 evaluations scores as DDIM at 50 (100%, FD 4.01 vs 4.31) in
+# 0.30 of the time; at 10 it still holds (FD 4.26), at 5 it breaks down.
+DEFAULT_SAMPLER, DEFAULT_STEPS = "dpmpp2m", 15
 
 
 class Diffusion:

@@ -19,7 +19,7 @@ def test_benchmark_measures_everything_and_writes_json_and_readme(in_tmp, condit
     argv = [*TINY, "--json", "bench.json", "--readme", str(readme)] + ([] if conditional else ["--unconditional"])
     benchmark.main(argv)
     r = json.loads((in_tmp / "bench.json").read_text())
-    assert r["precision"] == "fp32" and r["sampler"] == "ddim-50"
+    assert r["precision"] == "fp32" and r["sampler"] == f"{ddpm.DEFAULT_SAMPLER}-{ddpm.DEFAULT_STEPS}"
     assert r["train_gflop_per_step"] > 0 and 0 < r["utilisation"] == pytest.approx(
         r["train_tflops"] / r["peak_tflops"]["fp32"], rel=1e-6)
     assert 0 < r["attention_flop_share"] < 1 and 0 < r["attention_time_share"] < 1

@@ -305,8 +305,8 @@ def test_sample_command_bad_sampler_arguments_are_one_line_errors(tmp_path):
     make_run(tmp_path / "unconditional", conditional=False)
     make_run(tmp_path / "conditional")
     for run, flags, message in (("unconditional", ["--steps", "-3"], "steps must be in"),
-                                ("unconditional", ["--steps", "4", "--eta", "2"], "eta must be in"),
-                                ("conditional", ["--steps", "4", "--eta", "1.5"], "eta must be in"),
+                                ("unconditional", ["--sampler", "ddim", "--steps", "4", "--eta", "2"], "eta must be in"),
+                                ("conditional", ["--sampler", "ddim", "--steps", "4", "--eta", "1.5"], "eta must be in"),
                                 ("conditional", ["--steps", "4", "--sampler", "dpmpp2m", "--eta", "0.5"], "--eta is the ddim sampler's noise")):
         with pytest.raises(UserError, match=message):
             sample.main(["--run", str(tmp_path / run), "--out", str(tmp_path / "x.png"), *flags])

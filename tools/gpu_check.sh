@@ -49,6 +49,7 @@ if [[ $DEVICE == cpu ]]; then
     ORIGINAL=(--image_size 8 --c_in 3 --width 8 --unconditional)
     BATCHES=(4)
     SAMPLE_N=2
+    DDIM_STEPS=5
 else
     BUDGET_S=${BUDGET_S:-450}
     BACKEND=nccl
@@ -60,6 +61,7 @@ else
     ORIGINAL=(--image_size 64 --c_in 3 --width 64 --unconditional)
     BATCHES=(12 64 128)
     SAMPLE_N=100
+    DDIM_STEPS=50
 fi
 
 # step NAME GROUP CAP COMMAND...: run COMMAND in WORK within CAP seconds, or what is left of the
@@ -124,7 +126,8 @@ EXPECT="resuming ddp at epoch 1" step "torchrun, resumed" torchrun 90 \
 step "--compile training" compile 180 "$PY" "$ROOT/ddpm_conditional.py" --compile --device "$DEVICE" \
     "${TRAIN[@]}" --epochs 1 --sample_every 0 --run_name compiled
 
-bench sampling_ddim50 90 "${DIGITS[@]}" --repeats 1 --sample_n "$SAMPLE_N"
+bench sampling_default 90 "${DIGITS[@]}" --repeats 1 --sample_n "$SAMPLE_N"
+bench sampling_ddim50 90 "${DIGITS[@]}" --repeats 1 --sample_n "$SAMPLE_N" --sampler ddim --sample_steps "$DDIM_STEPS"
 bench sampling_full_chain 120 "${DIGITS[@]}" --repeats 1 --sample_n "$SAMPLE_N" --full_chain
 # eager rows first, the original's behaviour among them; the compiled ones, slowest to start, last
 bench bench_digits 90 "${DIGITS[@]}" --precision bf16
