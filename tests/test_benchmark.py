@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import benchmark
+import ddpm
 from modules import UNet
 from utils import UserError, cpu_has_native
 

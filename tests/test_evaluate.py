@@ -89,7 +89,7 @@ def test_evaluate_end_to_end_writes_report_plots_and_readme(in_tmp, monkeypatch)
     readme = in_tmp / "README.md"
     readme.write_text("# x\n<!-- results:start -->\nold\n<!-- results:end -->\ntail\n")
     report = evaluate.evaluate(evaluate.build_parser().parse_args(
-        ["--run", "models/DDPM_conditional", "--n", "20", "--steps", "5", "--sweep", "all", "--readme", str(readme),
+        ["--run", "models/DDPM_conditional", "--n", "20", "--sampler", "ddim", "--steps", "5", "--sweep", "all", "--readme", str(readme),
          "--judge_epochs", "1", "--exact"]))
     saved = json.loads((in_tmp / "results" / "DDPM_conditional" / "eval.json").read_text())
     assert saved["results"][0]["accuracy"] == report["results"][0]["accuracy"]
@@ -116,7 +116,7 @@ def test_evaluate_end_to_end_writes_report_plots_and_readme(in_tmp, monkeypatch)
     assert (in_tmp / "assets" / "sweep_cfg.png").is_file()
     assert (in_tmp / "models" / "DDPM_conditional" / "judge.pt").is_file()  # cached for the next call
 
-    args = ["--run", "models/DDPM_conditional", "--n", "20", "--steps", "5", "--judge_epochs", "1"]
+    args = ["--run", "models/DDPM_conditional", "--n", "20", "--sampler", "ddim", "--steps", "5", "--judge_epochs", "1"]
     interval = evaluate.evaluate(evaluate.build_parser().parse_args(args + ["--guidance_interval", "10", "19"]))
     assert evaluate.setting_name(interval["results"][0]) == "ddim-5 cfg 3 t 10-19"
     with pytest.raises(UserError, match="guidance_interval"):
@@ -138,7 +138,7 @@ def test_evaluate_unconditional_run_has_no_guidance_and_reports_class_entropy(in
     readme = in_tmp / "README.md"
     readme.write_text("<!-- results:start -->\n<!-- results:end -->\n")
     report = evaluate.evaluate(evaluate.build_parser().parse_args(
-        ["--run", "models/DDPM_Unconditional", "--n", "20", "--steps", "5", "--sweep", "all", "--readme", str(readme),
+        ["--run", "models/DDPM_Unconditional", "--n", "20", "--sampler", "ddim", "--steps", "5", "--sweep", "all", "--readme", str(readme),
          "--judge_epochs", "1"]))
     assert [evaluate.setting_name(r) for r in report["results"]] == ["ddim-5", "ddpm-5", "ddpm-all"]
     assert all(r["cfg_scale"] is None and 0 <= r["class_entropy"] <= 1 for r in report["results"])
