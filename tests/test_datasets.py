@@ -1,5 +1,4 @@
 """The named datasets: emoji from its pip package, torchvision's through a fake archive, and offline failures."""
-import gzip
 import json
 import pickle
 import urllib.request
