@@ -23,9 +23,9 @@ import torch.nn.functional as F
 import torchvision.transforms as T
 from tqdm import tqdm
 
-from ddpm import DEFAULT_SAMPLER, DEFAULT_STEPS, SAMPLERS
-from ddpm_conditional import CFG_SCALE, add_guidance_args, check_guidance_interval
-from sample import full_chain, load
+from ddpm import SAMPLERS
+from ddpm_conditional import check_guidance_interval
+from sample import add_sampler_args, fill_sampling, full_chain, load
 from utils import (HelpFormatter, ImageFiles, UserError, add_runtime_args, autocast, autocast_dtype, image_files,
                    labels_of, load_checkpoint, load_dataset, run_main, save_checkpoint, save_images, save_json,
                    seed_everything, split_held_out, to_model_range, update_readme_block)
@@ -171,6 +171,14 @@ def nearest_distances(queries: torch.Tensor, reference: torch.Tensor, batch: int
                       for i in range(0, len(queries), batch)])
 
 
+def nearest_pairs(samples: torch.Tensor, train: torch.Tensor, per_row: int = 10) -> torch.Tensor:
+    """Rows of samples, each followed by a row of their nearest training images (pixel L2): memorisation at a glance."""
+    ref = train.flatten(1).double() / 255
+    nearest = train[torch.cdist(samples.flatten(1).double() / 255, ref).argmin(1)]
+    rows = [torch.cat([samples[i:i + per_row], nearest[i:i + per_row]]) for i in range(0, len(samples), per_row)]
+    return torch.cat(rows)
+
+
 def memorisation(samples: torch.Tensor, train: torch.Tensor, held_out: torch.Tensor) -> dict:
     """How close samples come to the training set, against how close unseen real images come.
 
@@ -196,7 +204,7 @@ class ExactDenoiser(nn.Module):
 
     Then E[x_0 | x_t] is a mean of the training images x_i weighted by N(x_t; sqrt(alpha_hat_t) x_i,
     (1 - alpha_hat_t) I) (only those of class y when a label is given), and
-    eps*(x_t, t) = (x_t - sqrt(alpha_hat_t) E[x_0 | x_t]) / sqrt(1 - alpha_hat_t).
+    eps*(x_t, t) = (x_t - sqrt(alpha_hat_t) E[x_0 | x_t]) / sqrt(1 - alpha_hat_t) (v* for a v-prediction diffusion).
     Sampling with it ends on training images (the memorisation check flags it), so its FD is what
     the sampler and guidance alone cost: the best any model can score at the same setting.
     Each call compares every image with every training image (float64): fine for the digits,
@@ -210,6 +218,7 @@ class ExactDenoiser(nn.Module):
         self.register_buffer("x0_sq", self.x0.square().sum(1))
         self.register_buffer("labels", labels)
         self.register_buffer("alpha_hat", diffusion.alpha_hat.double().cpu())
+        self.prediction = diffusion.prediction  # what the sampler expects: eps, or v for a v-prediction run
         if num_classes is not None:
             self.num_classes = num_classes  # read by the conditional sampler
 
@@ -221,7 +230,9 @@ class ExactDenoiser(nn.Module):
         if y is not None:  # label -1: unconditional, every image
             logits = logits.masked_fill((y[:, None] >= 0) & (self.labels[None] != y[:, None]), -math.inf)
         x0 = torch.softmax(logits, dim=1) @ self.x0
-        return ((x_t - alpha_hat.sqrt() * x0) / (1 - alpha_hat).sqrt()).to(x.dtype).view_as(x)
+        eps = (x_t - alpha_hat.sqrt() * x0) / (1 - alpha_hat).sqrt()
+        out = eps if self.prediction == "eps" else alpha_hat.sqrt() * eps - (1 - alpha_hat).sqrt() * x0
+        return out.to(x.dtype).view_as(x)
 
 
 # --------------------------------------------------------------------------- evaluation
@@ -272,7 +283,7 @@ def evaluate(args: argparse.Namespace) -> dict:
     if not config_path.is_file():
         raise UserError(f"'{run_dir}' has no run.json: give a run folder written by ddpm.py or ddpm_conditional.py")
     config = json.loads(config_path.read_text())
-    model, diffusion = load(run_dir, device=args.device)
+    model, diffusion = load(run_dir, ema=not args.no_ema, device=args.device)
     has_labels = hasattr(model, "num_classes")
     if args.unconditional and not has_labels:
         raise UserError(f"{run_dir} is an unconditional run already: drop --unconditional")
@@ -281,6 +292,7 @@ def evaluate(args: argparse.Namespace) -> dict:
     if given and not conditional:
         raise UserError(f"{', '.join(given)} guide a class-conditional model towards a class: "
                         f"{'--unconditional asks for none' if has_labels else f'{run_dir} is unconditional'}")
+    fill_sampling(args, conditional)
     steps = full_chain(args.steps, args.sampler, diffusion)
     try:
         check_guidance_interval(args.guidance_interval, diffusion.noise_steps)
@@ -298,7 +310,7 @@ def evaluate(args: argparse.Namespace) -> dict:
     real = {"train": x_train, "held": x_held, "held_feats": held_feats}
     floor = {"fd": frechet_distance(train_feats, held_feats), "kid": kernel_inception_distance(train_feats, held_feats)}
 
-    cfg_scale = (CFG_SCALE if args.cfg_scale is None else args.cfg_scale) if conditional else None
+    cfg_scale = args.cfg_scale if conditional else None
     interval = args.guidance_interval
     settings = [dict(sampler=args.sampler, steps=steps, cfg_scale=cfg_scale)]
     if args.sweep in ("cfg", "all") and conditional:
@@ -329,7 +341,8 @@ def evaluate(args: argparse.Namespace) -> dict:
             grids[setting_name(s)] = samples[:min(10, len(samples) // per_row) * per_row]
             print(format_row(results[-1], conditional), flush=True)
 
-    report = {"run": str(run_dir), "n": args.n, "sweep": args.sweep, "held_out": len(x_held),
+    report = {"run": str(run_dir), "n": args.n, "sweep": args.sweep, "held_out": len(x_held), "ema": not args.no_ema,
+              "training": training_record(run_dir),
               "judge_accuracy_held_out": judge_accuracy, "floor": floor, "results": results,
               "inception_fid": inception_fid(args, model, diffusion, asked, cfg_scale, x_held)}
     out_dir = Path("results") / run_dir.name
@@ -337,12 +350,13 @@ def evaluate(args: argparse.Namespace) -> dict:
     save_json(report, out_dir / "eval.json")
     main_grid = grids[setting_name(unique[0])]
     save_images(sorted_by_label(main_grid, conditional, model), out_dir / "eval_samples.png", nrow=10)
+    save_images(nearest_pairs(main_grid[:30], x_train), out_dir / "eval_nearest.png", nrow=10)
     if args.sweep != "none":
         plot_sweeps(report, grids, conditional, model, out_dir)
     print_table(report, conditional)
     print(f"wrote {out_dir / 'eval.json'}")
     if args.readme:
-        write_readme(Path(args.readme), report, conditional, out_dir)
+        write_readme(Path(args.readme), report, conditional, out_dir, args.readme_block)
     return report
 
 
@@ -463,18 +477,36 @@ def side_by_side(rows: list[list[tuple[str, torch.Tensor]]], model, conditional:
     plt.close(fig)
 
 
-def write_readme(readme: Path, report: dict, conditional: bool, out_dir: Path) -> None:
-    """Replace the README's Results block (between its markers) with this report, copying the figures."""
+def training_record(run_dir: Path) -> dict | None:
+    """What the run's training took (resume.pt's record): steps, minutes, device and precision."""
+    path = run_dir / "resume.pt"
+    if not path.is_file():
+        return None
+    state = load_checkpoint(path)
+    if "train_seconds" not in state:  # runs from before the record
+        return None
+    return {"steps": state["step"], "minutes": state["train_seconds"] / 60, "device": state["device"],
+            "precision": state["precision"]}
+
+
+def write_readme(readme: Path, report: dict, conditional: bool, out_dir: Path, block: str = "results") -> None:
+    """Replace the README's block `block` (between its markers) with this report, copying the figures to
+    assets/ (prefixed with the block's name unless it is the Results block)."""
     import shutil
 
-    figures = [f for f in ("eval_samples.png", "sweep_cfg.png", "sweep_steps.png", "sweep_steps_grids.png")
-               if (out_dir / f).is_file()]
+    figures = [f for f in ("eval_samples.png", "eval_nearest.png", "sweep_cfg.png", "sweep_steps.png",
+                           "sweep_steps_grids.png") if (out_dir / f).is_file()]
+    prefix = "" if block == "results" else f"{block}_"
     head = "accuracy" if conditional else "class entropy"
     exact = any(r["denoiser"] == "exact" for r in report["results"])
     interval = report["results"][0]["guidance_interval"]
     flags = (f"--guidance_interval {interval[0]} {interval[1]} " if interval else "") + ("--exact " if exact else "")
+    flags += ("" if report["ema"] else "--no_ema ") + ("" if block == "results" else f"--readme_block {block} ")
+    training = report.get("training")
+    trained = (f" The run trained {training['steps']:,} steps in {training['minutes']:.1f} minutes "
+               f"({training['device']}, {training['precision']})." if training else "")
     lines = ["", f"Generated by `python evaluate.py --run {report['run']} --n {report['n']} --sweep {report['sweep']} "
-             f"{flags}--readme README.md` ({report['n']} samples per setting).", "",
+             f"{flags}--readme README.md` ({report['n']} samples per setting).{trained}", "",
              f"Judge accuracy on the {report['held_out']} held-out real images: "
              f"**{100 * report['judge_accuracy_held_out']:.1f}%**. "
              f"Real-vs-real floor (held-out vs training images): FD {report['floor']['fd']:.2f}, "
@@ -490,13 +522,13 @@ def write_readme(readme: Path, report: dict, conditional: bool, out_dir: Path) -
     if report["sweep"] in ("steps", "all"):
         lines += frontier(report, conditional)
     lines.append("")
-    lines += [f"![{f}](assets/{f})" for f in figures]
+    lines += [f"![{f}](assets/{prefix}{f})" for f in figures]
     lines.append("")
-    update_readme_block(readme, "results", lambda old: "\n".join(lines))
+    update_readme_block(readme, block, lambda old: "\n".join(lines))
     assets = readme.parent / "assets"
     assets.mkdir(exist_ok=True)
     for f in figures:
-        shutil.copy(out_dir / f, assets / f)
+        shutil.copy(out_dir / f, assets / f"{prefix}{f}")
 
 
 def quality(r: dict, conditional: bool) -> str:
@@ -523,9 +555,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Evaluate a run's samples offline.", formatter_class=HelpFormatter)
     p.add_argument("--run", required=True, help="a run folder (models/<run_name>)")
     p.add_argument("--n", type=int, default=1000, help="samples per setting")
-    p.add_argument("--sampler", choices=SAMPLERS, default=DEFAULT_SAMPLER, help="sampler of the main setting")
-    p.add_argument("--steps", type=int, default=DEFAULT_STEPS, help="sampler steps of the main setting; 0 = every step")
-    add_guidance_args(p)  # of every setting but the cfg sweep's scales
+    add_sampler_args(p)  # of the main setting; the guidance of every setting but the cfg sweep's scales
+    p.add_argument("--no_ema", action="store_true", help="score ckpt.pt even when ema_ckpt.pt exists")
     p.add_argument("--unconditional", action="store_true",
                    help="conditional runs: score the unconditional model that label dropout trained (label -1)")
     p.add_argument("--sweep", choices=["none", "cfg", "steps", "all"], default="none",
@@ -535,6 +566,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also score the exact denoiser of the training set at every setting (a model without error)")
     p.add_argument("--inception_weights", default=None, help="a local Inception v3 weights file for standard FID")
     p.add_argument("--readme", default=None, help="rewrite this README's Results block with the report")
+    p.add_argument("--readme_block", default="results",
+                   help="the README block to rewrite, between <!-- NAME:start --> and <!-- NAME:end -->")
     add_runtime_args(p)
     p.add_argument("--judge_epochs", type=int, default=15, help="training epochs of the judge (cached in the run)")
     return p

@@ -23,26 +23,38 @@ class EMA:
     For the first `step_start_ema` updates the EMA model is a plain copy (early weights are
     noise; averaging them in would only slow the EMA down). `step` counts updates and is part of
     `state_dict()`, so a resumed run continues the same average.
+
+    With `power` = gamma the decay instead follows the run's length (Karras et al. 2024, eq. 3):
+    beta_t = (1 - 1/t)^(gamma + 1) at update t = 1, 2, ..., which keeps the average over a fixed
+    fraction of the steps so far (its relative width sigma_rel is 0.10 at gamma = 6.94) and needs
+    no start: the first update copies.
     """
 
-    def __init__(self, beta: float = 0.995, step_start_ema: int = 2000):
+    def __init__(self, beta: float = 0.995, step_start_ema: int = 2000, power: float | None = None):
         self.beta = beta
         self.step_start_ema = step_start_ema
+        self.power = power
         self.step = 0
 
     @torch.no_grad()
     def step_ema(self, ema_model: nn.Module, model: nn.Module, step_start_ema: int | None = None) -> None:
         start = self.step_start_ema if step_start_ema is None else step_start_ema
-        if self.step < start:
+        if self.power is None and self.step < start:
             self.reset_parameters(ema_model, model)
         else:
             self.update_model_average(ema_model, model)
         self.step += 1
 
+    def decay(self) -> float:
+        """beta of the next update."""
+        if self.power is None:
+            return self.beta
+        return (1 - 1 / (self.step + 1)) ** (self.power + 1)
+
     @torch.no_grad()
     def update_model_average(self, ema_model: nn.Module, model: nn.Module) -> None:
         # One fused multi-tensor pass: ema += (1 - beta) * (model - ema).
-        torch._foreach_lerp_(list(ema_model.parameters()), list(model.parameters()), 1.0 - self.beta)
+        torch._foreach_lerp_(list(ema_model.parameters()), list(model.parameters()), 1.0 - self.decay())
         for ema_b, b in zip(ema_model.buffers(), model.buffers()):
             ema_b.copy_(b)
 
@@ -51,10 +63,11 @@ class EMA:
         ema_model.load_state_dict(model.state_dict())
 
     def state_dict(self) -> dict:
-        return {"beta": self.beta, "step_start_ema": self.step_start_ema, "step": self.step}
+        return {"beta": self.beta, "step_start_ema": self.step_start_ema, "power": self.power, "step": self.step}
 
     def load_state_dict(self, state: dict) -> None:
         self.beta, self.step_start_ema, self.step = state["beta"], state["step_start_ema"], state["step"]
+        self.power = state.get("power")
 
     @staticmethod
     def copy_of(model: nn.Module) -> nn.Module:

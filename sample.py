@@ -79,6 +79,41 @@ def load(path: str | Path, ema: bool = True, device: str | torch.device | None =
     return model, diffusion
 
 
+def add_sampler_args(p: argparse.ArgumentParser) -> None:
+    """--sampler, --steps and the guidance flags, as sample.py and evaluate.py take them: unless given,
+    the run's recommended settings."""
+    p.add_argument("--sampler", choices=ddpm.SAMPLERS, default=None,
+                   help="ddim: Song et al. (eta 0: deterministic); ddpm: ancestral; dpmpp2m: DPM-Solver++(2M) "
+                        f"(default: the run's, else {ddpm.DEFAULT_SAMPLER})")
+    p.add_argument("--steps", type=int, default=None,
+                   help="sampler steps = network evaluations; 0 = every step (the original's chain) "
+                        f"(default: the run's, else {ddpm.DEFAULT_STEPS})")
+    add_guidance_args(p, from_run=True)
+
+
+def recommended(path: str | Path, conditional: bool) -> dict:
+    """The sampling settings a run recommends: run.json's "sampling" (training writes its grids' sampler, steps,
+    guidance scale and interval there), and this project's defaults for whatever it lacks. The keyword
+    arguments of `diffusion.sample` (sampler, steps; cfg_scale and guidance_interval when conditional)."""
+    path = Path(path).expanduser()
+    config_file = (path if path.is_dir() else path.parent) / "run.json"
+    saved = json.loads(config_file.read_text()).get("sampling", {}) if config_file.is_file() else {}
+    settings = dict(sampler=ddpm.DEFAULT_SAMPLER, steps=ddpm.DEFAULT_STEPS)
+    if conditional:
+        settings.update(cfg_scale=CFG_SCALE, guidance_interval=None)
+    settings.update({k: v for k, v in saved.items() if k in settings})
+    if settings.get("guidance_interval") is not None:
+        settings["guidance_interval"] = tuple(settings["guidance_interval"])
+    return settings
+
+
+def fill_sampling(args: argparse.Namespace, conditional: bool) -> None:
+    """Set each sampling flag not given on the command line to the run's recommendation."""
+    for key, value in recommended(args.run, conditional).items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+
+
 def full_chain(steps: int, sampler: str, diffusion: ddpm.Diffusion) -> int | None:
     """--steps 0 means every step: the original's chain for ddpm (steps=None), all T-1 steps for the others."""
     if steps:
@@ -93,11 +128,7 @@ def main(argv: list[str] | None = None) -> None:
                    help="conditional runs: one grid row per label, -1 for the unconditional model (default: every "
                         "class)")
     p.add_argument("--n", type=int, default=8, help="images per label (unconditional: images in all)")
-    add_guidance_args(p)
-    p.add_argument("--sampler", choices=ddpm.SAMPLERS, default=ddpm.DEFAULT_SAMPLER,
-                   help="ddim: Song et al. (eta 0: deterministic); ddpm: ancestral; dpmpp2m: DPM-Solver++(2M)")
-    p.add_argument("--steps", type=int, default=ddpm.DEFAULT_STEPS,
-                   help="sampler steps = network evaluations; 0 = every step (the original's chain)")
+    add_sampler_args(p)
     p.add_argument("--eta", type=float, default=None,
                    help="DDIM noise, in [0, 1]: 0 deterministic, 1 like DDPM (default: 0)")
     p.add_argument("--no_ema", action="store_true", help="use ckpt.pt even when ema_ckpt.pt exists")
@@ -108,22 +139,22 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     if args.n < 1:
         raise UserError(f"--n must be at least 1, got {args.n}")
-    if args.eta is not None and args.sampler != "ddim":
-        raise UserError("--eta is the ddim sampler's noise: drop it, or use --sampler ddim")
 
     model, diffusion = load(args.run, ema=not args.no_ema, device=args.device, img_size=args.img_size)
     conditional = isinstance(model, UNet_conditional)
     given = [f"--{k}" for k in ("labels", "cfg_scale", "guidance_interval") if getattr(args, k) is not None]
     if given and not conditional:
         raise UserError(f"{args.run} is an unconditional run: {', '.join(given)} need a class-conditional one")
+    fill_sampling(args, conditional)
+    if args.eta is not None and args.sampler != "ddim":
+        raise UserError("--eta is the ddim sampler's noise: drop it, or use --sampler ddim")
     device = next(model.parameters()).device
     seed_everything(args.seed)
     kwargs = dict(sampler=args.sampler, steps=full_chain(args.steps, args.sampler, diffusion), eta=args.eta or 0.0)
     if conditional:
         classes = list(range(model.num_classes)) if args.labels is None else args.labels
         labels = torch.tensor(classes).repeat_interleave(args.n)
-        cfg_scale = CFG_SCALE if args.cfg_scale is None else args.cfg_scale
-        kwargs.update(labels=labels, cfg_scale=cfg_scale, guidance_interval=args.guidance_interval)
+        kwargs.update(labels=labels, cfg_scale=args.cfg_scale, guidance_interval=args.guidance_interval)
         n, nrow = len(labels), args.n
     else:
         n, nrow = args.n, square_nrow(args.n)

@@ -11,6 +11,7 @@ import torchvision
 import ddpm
 import ddpm_conditional
 import evaluate
+from conftest import write_images
 from utils import EMOJI_GROUPS, load_dataset, run_main
 
 TINY = ["--width", "8", "--image_size", "16", "--precision", "fp32", "--noise_steps", "20", "--sample_every", "0",
@@ -102,3 +103,16 @@ def test_a_tiny_conditional_emoji_run_and_its_evaluation_data(in_tmp):
     x_train, y_train, x_held, y_held, classes = evaluate.real_images(config)
     assert x_train.shape == (3400, 3, 16, 16) and x_held.shape == (373, 3, 16, 16) and len(classes) == 9
     assert ddpm_conditional.parse_args(["--dataset", "emoji"]).image_size == 32  # the emoji recipe
+
+
+def test_the_folder_recipe_keeps_the_originals_objective_and_ema(tmp_path):
+    """A folder trains as the original did: eps, plain MSE, EMA 0.995 after 2,000 steps; the short emoji recipe
+    uses v-prediction, Min-SNR and the power EMA (README, Colour)."""
+    write_images(tmp_path / "images" / "a", 2)
+    folder = ddpm_conditional.parse_args(["--dataset_path", str(tmp_path / "images")])
+    assert (folder.prediction, folder.loss_weight, folder.ema_power, folder.ema_beta, folder.ema_start) == \
+        ("eps", "none", 0, 0.995, 2000)
+    assert (folder.batch_size, folder.epochs, folder.lr) == (14, 300, 3e-4)
+    assert ddpm.parse_args(ddpm.build_parser(), ["--dataset_path", str(tmp_path / "images")]).batch_size == 12
+    emoji = ddpm_conditional.parse_args(["--dataset", "emoji"])
+    assert (emoji.prediction, emoji.loss_weight, emoji.ema_power) == ("v", "min_snr", 6.94)

@@ -58,6 +58,17 @@ def test_memorisation_check_flags_copies_of_training_images(digits_and_judge):
     assert not fresh["memorising"] and fresh["nn_ratio"] == pytest.approx(1, abs=0.15)
 
 
+def test_nearest_pairs_put_each_samples_nearest_training_image_under_it(digits_and_judge):
+    x_train, *_ = digits_and_judge
+    g = torch.Generator().manual_seed(0)
+    picked = torch.randperm(len(x_train), generator=g)[:12]
+    noisy = (x_train[picked].int() + torch.randint(-20, 21, x_train[picked].shape, generator=g)).clamp(0, 255)
+    pairs = evaluate.nearest_pairs(noisy.to(torch.uint8), x_train, per_row=10)
+    assert pairs.shape == (24, *x_train.shape[1:])  # 10 samples, their 10 nearest, 2 samples, their 2 nearest
+    assert torch.equal(pairs[:10], noisy[:10].to(torch.uint8)) and torch.equal(pairs[10:20], x_train[picked[:10]])
+    assert torch.equal(pairs[22:], x_train[picked[10:]])
+
+
 def test_class_entropy():
     assert evaluate.class_entropy(torch.arange(10).repeat(5), 10) == pytest.approx(1.0)
     assert evaluate.class_entropy(torch.zeros(50, dtype=torch.long), 10) == 0.0
@@ -115,6 +126,11 @@ def test_evaluate_end_to_end_writes_report_plots_and_readme(in_tmp, monkeypatch)
     assert frontier[4].startswith("| dpmpp2m | ")
     assert (in_tmp / "assets" / "sweep_cfg.png").is_file()
     assert (in_tmp / "models" / "DDPM_conditional" / "judge.pt").is_file()  # cached for the next call
+    assert (in_tmp / "results" / "DDPM_conditional" / "eval_nearest.png").is_file()
+    # what training took, from resume.pt: 64 images in batches of 64, one epoch
+    assert saved["training"]["steps"] == 1 and saved["training"]["minutes"] > 0
+    assert saved["training"]["device"] == "cpu" and saved["training"]["precision"] == "fp32"
+    assert "The run trained 1 steps in" in text and "(cpu, fp32)" in text
 
     args = ["--run", "models/DDPM_conditional", "--n", "20", "--sampler", "ddim", "--steps", "5", "--judge_epochs", "1"]
     interval = evaluate.evaluate(evaluate.build_parser().parse_args(args + ["--guidance_interval", "10", "19"]))
@@ -143,6 +159,15 @@ def test_evaluate_unconditional_run_has_no_guidance_and_reports_class_entropy(in
     assert [evaluate.setting_name(r) for r in report["results"]] == ["ddim-5", "ddpm-5", "ddpm-all"]
     assert all(r["cfg_scale"] is None and 0 <= r["class_entropy"] <= 1 for r in report["results"])
     assert "| ddim-5 | - |" in readme.read_text()
+    # another README block: its figures are prefixed with its name, its command names it
+    readme.write_text("<!-- results:start -->\nkept\n<!-- results:end -->\n<!-- other:start -->\n<!-- other:end -->\n")
+    evaluate.evaluate(evaluate.build_parser().parse_args(
+        ["--run", "models/DDPM_Unconditional", "--n", "20", "--sampler", "ddim", "--steps", "5", "--readme", str(readme),
+         "--readme_block", "other", "--judge_epochs", "1"]))
+    text = readme.read_text()
+    assert "kept" in text and "--readme_block other --readme README.md" in text
+    assert "![eval_samples.png](assets/other_eval_samples.png)" in text
+    assert (in_tmp / "assets" / "other_eval_nearest.png").is_file()
     assert (in_tmp / "results" / "DDPM_Unconditional" / "sweep_steps.png").is_file()
     for flag, value in (("--cfg_scale", "3"), ("--unconditional", None)):
         with pytest.raises(UserError, match="is unconditional|unconditional run already"):

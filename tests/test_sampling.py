@@ -1,13 +1,16 @@
 import json
 import os
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
+import ddpm
 import ddpm_conditional
+import evaluate
 import sample
 from ddpm import SAMPLERS, Diffusion
 from evaluate import ExactDenoiser
@@ -369,3 +372,30 @@ def test_help_shows_each_default_once(capsys):
                  evaluate.build_parser().format_help(), capsys.readouterr().out):
         assert "(default: None)" not in text and text.count("(default:") >= 5
         assert not re.search(r"\(default: [^)]*\)\s*\(default:", text)
+
+
+def test_a_runs_recommended_sampling_settings_are_the_defaults(in_tmp):
+    """Training records its grids' sampler, steps and guidance in run.json; sample.py, evaluate.py and `recommended`
+    (the notebook's) use them unless told otherwise, and a run without them gets the project's defaults."""
+    ddpm_conditional.main(["--width", "8", "--image_size", "16", "--noise_steps", "20", "--limit", "30", "--epochs", "1",
+                           "--sample_every", "0", "--precision", "fp32", "--sample_steps", "4", "--cfg_scale", "2",
+                           "--guidance_interval", "5", "19"])
+    run = in_tmp / "models" / "DDPM_conditional"
+    config = json.loads((run / "run.json").read_text())
+    assert config["sampling"] == {"sampler": "dpmpp2m", "steps": 4, "cfg_scale": 2.0, "guidance_interval": [5, 19]}
+    assert sample.recommended(run, True) == dict(sampler="dpmpp2m", steps=4, cfg_scale=2.0, guidance_interval=(5, 19))
+    assert sample.recommended(run, False) == dict(sampler="dpmpp2m", steps=4)
+
+    draw = lambda name, *flags: sample.main(["--run", str(run), "--n", "2", "--out", name, *flags])
+    draw("run.png")
+    draw("spelt_out.png", "--sampler", "dpmpp2m", "--steps", "4", "--cfg_scale", "2", "--guidance_interval", "5", "19")
+    draw("scale_3.png", "--cfg_scale", "3")
+    assert Path("run.png").read_bytes() == Path("spelt_out.png").read_bytes() != Path("scale_3.png").read_bytes()
+
+    report = evaluate.evaluate(evaluate.build_parser().parse_args(["--run", str(run), "--n", "10", "--judge_epochs", "1"]))
+    assert evaluate.setting_name(report["results"][0]) == "dpmpp2m-4 cfg 2 t 5-19"
+
+    del config["sampling"]  # a run from before run.json carried them
+    (run / "run.json").write_text(json.dumps(config))
+    assert sample.recommended(run, True) == dict(sampler=ddpm.DEFAULT_SAMPLER, steps=ddpm.DEFAULT_STEPS,
+                                                 cfg_scale=ddpm_conditional.CFG_SCALE, guidance_interval=None)
