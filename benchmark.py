@@ -190,7 +190,9 @@ def benchmark(args: argparse.Namespace) -> dict:
     if args.full_chain:
         kind = dict(sampler="ddpm", steps=None)
     else:  # the in-training grids' sampler (the default of every script), or the one asked for
-        kind = trainer.grid_sampler() if args.sampler is None else dict(sampler=args.sampler, steps=args.sample_steps)
+        grids = trainer.sampling()
+        kind = dict(sampler=grids["sampler"], steps=grids["steps"]) if args.sampler is None else \
+            dict(sampler=args.sampler, steps=args.sample_steps)
     steps = len(diffusion.timesteps(kind["steps"]))
 
     def sample(cfg_scale):

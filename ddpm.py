@@ -388,17 +388,13 @@ class Trainer:
     def sample_grids(self) -> dict[str, torch.Tensor]:
         """{file name suffix: uint8 images} for this epoch's sample grid."""
         with self.autocast():
-            return {"": self.diffusion.sample(self.model, self.args.n_samples, **self.grid_sampler())}
+            return {"": self.diffusion.sample(self.model, self.args.n_samples, **self.sampling())}
 
     def sampling(self) -> dict:
-        """The run's recommended sampling settings, for run.json: sample.py, evaluate.py and the notebook use
-        them unless told otherwise. Those of the in-training grids."""
-        return self.grid_sampler()
-
-    def grid_sampler(self) -> dict:
-        """In-training grids use DEFAULT_SAMPLER over `sample_steps` steps: seconds, not minutes. The
-        original network (--no-input_skip) cannot keep a deterministic trajectory in range: it gets
-        the ancestral chain respaced to as many steps."""
+        """The in-training grids' sampling settings, recorded in run.json as the run's recommended ones
+        (sample.py, evaluate.py and the notebook use them unless told otherwise). DEFAULT_SAMPLER over
+        `sample_steps` steps: seconds, not minutes. The original network (--no-input_skip) cannot keep a
+        deterministic trajectory in range: it gets the ancestral chain respaced to as many steps."""
         sampler = DEFAULT_SAMPLER if self.args.input_skip else "ddpm"
         return dict(sampler=sampler, steps=min(self.args.sample_steps, self.args.noise_steps - 1))
 

@@ -115,8 +115,7 @@ class Trainer(ddpm.Trainer):
         a = self.args
         labels = torch.arange(a.num_classes, device=self.device).repeat_interleave(a.n_samples)
         with self.autocast():
-            return {suffix: self.diffusion.sample(model, len(labels), labels, a.cfg_scale, a.guidance_interval,
-                                                  **self.grid_sampler())
+            return {suffix: self.diffusion.sample(model, len(labels), labels, **self.sampling())
                     for suffix, model in (("", self.model), ("_ema", self.ema_model))}
 
     def grid_nrow(self, images: torch.Tensor) -> int:
