@@ -616,8 +616,9 @@ def lr_factor(step: int, args: argparse.Namespace, total_steps: int) -> float:
 
 # Defaults that depend on the data: --dataset NAME (or "folder" for --dataset_path).
 # Short CPU runs: width 32 and batch 64 keep 2 cores busy without wasting steps; a high rate early, decayed to zero.
-_ORIGINAL = dict(prediction="eps", loss_weight="none")  # the original's objective: the plain MSE of the noise
-_SMALL = dict(width=32, batch_size=64, lr=2e-3, warmup=200, lr_schedule="cosine", **_ORIGINAL)
+# The original's objective, the plain MSE of the noise; also what a run saved before these options existed used.
+ORIGINAL_OPTIONS = dict(prediction="eps", loss_weight="none")
+_SMALL = dict(width=32, batch_size=64, lr=2e-3, warmup=200, lr_schedule="cosine", **ORIGINAL_OPTIONS)
 RECIPES = {
     # 4,500 digits at 16x16: good digits after about 23 minutes on 2 CPU cores (60 epochs, 4,200 steps)
     "digits": dict(image_size=16, epochs=60, sample_every=20, **_SMALL),
@@ -630,10 +631,10 @@ RECIPES = {
     # GPU-sized: the DDPM paper's CIFAR-10 setting (32x32, batch 128, lr 2e-4 after a 5,000-step warm-up),
     # for 117k of its 800k steps; days on a CPU
     "cifar10": dict(image_size=32, width=64, batch_size=128, epochs=300, lr=2e-4, warmup=5000,
-                    lr_schedule="constant", sample_every=10, **_ORIGINAL),
+                    lr_schedule="constant", sample_every=10, **ORIGINAL_OPTIONS),
     # the original's landscape recipe: 64x64, batch 12, 500 epochs at AdamW 3e-4, a grid every epoch
     "folder": dict(image_size=64, width=64, batch_size=12, epochs=500, lr=3e-4, warmup=0, lr_schedule="constant",
-                   sample_every=1, **_ORIGINAL),
+                   sample_every=1, **ORIGINAL_OPTIONS),
 }
 DATASETS = ("digits", "emoji", "mnist", "fashion_mnist", "cifar10")
 
@@ -698,21 +699,22 @@ def build_parser(description: str = "Train an unconditional DDPM.", run_name: st
     return p
 
 
-def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None = None, recipes: dict = RECIPES
-               ) -> argparse.Namespace:
-    """Parse, fill the data-dependent defaults, and check the values."""
+def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None = None, recipes: dict = RECIPES,
+               original_options: dict = ORIGINAL_OPTIONS) -> argparse.Namespace:
+    """Parse, fill the data-dependent defaults (a recipe's value may be a function of the other arguments), and
+    check the values. A resumed run keeps its own options, and gets `original_options` for those it predates."""
     args = parser.parse_args(argv)
     if args.resume and args.overwrite:
         raise UserError("--resume continues a run and --overwrite deletes it: give one of them")
     if args.resume:
-        args = resumed_args(parser, argv, args)
+        args = resumed_args(parser, argv, args, original_options)
     if args.dataset and args.dataset_path:
         raise UserError(f"--dataset {args.dataset} and --dataset_path both name the data: give one of them")
     if args.dataset_path is None:
         args.dataset = args.dataset or "digits"
     for key, value in recipes[args.dataset or "folder"].items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
+        if getattr(args, key) is None and not (args.resume and key in original_options):  # a resumed run's None stays
+            setattr(args, key, value(args) if callable(value) else value)
     if args.image_size < 8 or args.image_size % 8:
         raise UserError(f"--image_size {args.image_size} must be a positive multiple of 8 (the UNet halves it 3 times)")
     for name in ("batch_size", "epochs", "width", "noise_steps", "sample_steps", "limit"):
@@ -737,13 +739,14 @@ LOCKED = ("dataset", "dataset_path", "image_size", "c_in", "width", "input_skip"
           "prediction", "num_classes", "limit", "batch_size", "label_drop")
 
 
-def resumed_args(parser: argparse.ArgumentParser, argv: list[str] | None, args: argparse.Namespace
-                 ) -> argparse.Namespace:
-    """The saved run's arguments, overridden by the flags given now; changing a LOCKED one is an error."""
+def resumed_args(parser: argparse.ArgumentParser, argv: list[str] | None, args: argparse.Namespace,
+                 original_options: dict = ORIGINAL_OPTIONS) -> argparse.Namespace:
+    """The saved run's arguments, overridden by the flags given now; changing a LOCKED one is an error. A run
+    saved before an option existed was trained without it: it gets the original's value, not today's recipe's."""
     path = Path("models") / args.run_name / "resume.pt"
     if not path.is_file():
         raise UserError(f"nothing to resume: {path} does not exist (check --run_name, or drop --resume)")
-    saved = load_checkpoint(path)["args"]
+    saved = {**original_options, **load_checkpoint(path)["args"]}
     world_size, saved_world_size = int(os.environ.get("WORLD_SIZE", 1)), saved.get("world_size", 1)
     if world_size != saved_world_size:  # the global batch, and with it every step, would change
         raise UserError(f"{args.run_name} was trained by {saved_world_size} process(es), this is {world_size}: "

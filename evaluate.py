@@ -345,7 +345,7 @@ def evaluate(args: argparse.Namespace) -> dict:
               "training": training_record(run_dir),
               "judge_accuracy_held_out": judge_accuracy, "floor": floor, "results": results,
               "inception_fid": inception_fid(args, model, diffusion, asked, cfg_scale, x_held)}
-    out_dir = Path("results") / run_dir.name
+    out_dir = Path(args.out_dir or Path("results") / run_dir.name)
     out_dir.mkdir(parents=True, exist_ok=True)
     save_json(report, out_dir / "eval.json")
     main_grid = grids[setting_name(unique[0])]
@@ -565,6 +565,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--exact", action="store_true",
                    help="also score the exact denoiser of the training set at every setting (a model without error)")
     p.add_argument("--inception_weights", default=None, help="a local Inception v3 weights file for standard FID")
+    p.add_argument("--out_dir", default=None,
+                   help="where the report and its figures go; another folder keeps the run's own eval.json, e.g. "
+                        "when probing other sampling settings (default: results/<run_name>)")
     p.add_argument("--readme", default=None, help="rewrite this README's Results block with the report")
     p.add_argument("--readme_block", default="results",
                    help="the README block to rewrite, between <!-- NAME:start --> and <!-- NAME:end -->")

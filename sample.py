@@ -88,7 +88,7 @@ def add_sampler_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, default=None,
                    help="sampler steps = network evaluations; 0 = every step (the original's chain) "
                         f"(default: the run's, else {ddpm.DEFAULT_STEPS})")
-    add_guidance_args(p, from_run=True)
+    add_guidance_args(p)
 
 
 def recommended(path: str | Path, conditional: bool) -> dict:

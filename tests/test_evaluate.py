@@ -93,8 +93,9 @@ def test_exact_denoiser_recovers_the_noise_and_its_samples_are_training_images()
 
 
 def test_evaluate_end_to_end_writes_report_plots_and_readme(in_tmp, monkeypatch):
-    monkeypatch.setattr(evaluate, "CFG_SWEEP", [1, 3])
+    monkeypatch.setattr(evaluate, "CFG_SWEEP", [1, 3.5])
     monkeypatch.setattr(evaluate, "STEPS_SWEEP", [("ddim", 5), ("dpmpp2m", 5), ("ddpm", 5), ("ddpm", None)])
+    # the digits recipe: guidance 3.5 at the noisiest 60% of the steps, t = 8..19 of 20, every setting but the cfg sweep's
     ddpm_conditional.main(["--width", "8", "--image_size", "16", "--noise_steps", "20", "--limit", "64",
                            "--epochs", "1", "--sample_every", "0", "--precision", "fp32"])
     readme = in_tmp / "README.md"
@@ -105,9 +106,8 @@ def test_evaluate_end_to_end_writes_report_plots_and_readme(in_tmp, monkeypatch)
     saved = json.loads((in_tmp / "results" / "DDPM_conditional" / "eval.json").read_text())
     assert saved["results"][0]["accuracy"] == report["results"][0]["accuracy"]
     names = [evaluate.setting_name(r) for r in saved["results"]]
-    assert names == ["ddim-5 cfg 3", "ddim-5 cfg 1", "dpmpp2m-5 cfg 3", "ddpm-5 cfg 3", "ddpm-all cfg 3",
-                     "ddim-5 cfg 3 exact", "ddim-5 cfg 1 exact", "dpmpp2m-5 cfg 3 exact", "ddpm-5 cfg 3 exact",
-                     "ddpm-all cfg 3 exact"]
+    model_names = ["ddim-5 cfg 3.5", "ddim-5 cfg 1", "dpmpp2m-5 cfg 3.5", "ddpm-5 cfg 3.5", "ddpm-all cfg 3.5"]
+    assert names == [f"{n} t 8-19" for n in model_names] + [f"{n} t 8-19 exact" for n in model_names]
     assert [r["nfe"] for r in saved["results"][:5]] == [5, 5, 5, 5, 19]  # network evaluations, guided or not
     # The exact denoiser reproduces training images, and the memorisation check sees it.
     assert all(r["memorising"] for r in saved["results"][5:])
@@ -116,11 +116,11 @@ def test_evaluate_end_to_end_writes_report_plots_and_readme(in_tmp, monkeypatch)
     for f in ("sweep_cfg.png", "sweep_steps.png", "sweep_steps_grids.png", "eval_samples.png"):
         assert (in_tmp / "results" / "DDPM_conditional" / f).is_file()
     text = readme.read_text()
-    assert "old" not in text and text.endswith("<!-- results:end -->\ntail\n") and "| ddim-5 | 3 |" in text
-    assert "| ddim-5 (exact denoiser) | 3 |" in text and "--sweep all --exact" in text
+    assert "old" not in text and text.endswith("<!-- results:end -->\ntail\n") and "| ddim-5 | 3.5 (t 8-19) |" in text
+    assert "| ddim-5 (exact denoiser) | 3.5 (t 8-19) |" in text and "--sweep all --guidance_interval 8 19 --exact" in text
     # the frontier: each sampler's accuracy, FD and time per image at each count of network evaluations
     frontier = text[text.index("| sampler | 5 | 19 |"):].splitlines()
-    first = {r["sampler"]: r for r in saved["results"][:5] if r["steps"] == 5 and r["cfg_scale"] == 3}
+    first = {r["sampler"]: r for r in saved["results"][:5] if r["steps"] == 5 and r["cfg_scale"] == 3.5}
     assert frontier[2].startswith(f"| ddpm | {100 * first['ddpm']['accuracy']:.1f}%, {first['ddpm']['fd']:.2f}, ")
     assert frontier[3].startswith("| ddim | ") and frontier[3].endswith(" s | - |")
     assert frontier[4].startswith("| dpmpp2m | ")
@@ -134,7 +134,7 @@ def test_evaluate_end_to_end_writes_report_plots_and_readme(in_tmp, monkeypatch)
 
     args = ["--run", "models/DDPM_conditional", "--n", "20", "--sampler", "ddim", "--steps", "5", "--judge_epochs", "1"]
     interval = evaluate.evaluate(evaluate.build_parser().parse_args(args + ["--guidance_interval", "10", "19"]))
-    assert evaluate.setting_name(interval["results"][0]) == "ddim-5 cfg 3 t 10-19"
+    assert evaluate.setting_name(interval["results"][0]) == "ddim-5 cfg 3.5 t 10-19"
     with pytest.raises(UserError, match="guidance_interval"):
         evaluate.evaluate(evaluate.build_parser().parse_args(args + ["--guidance_interval", "10", "20"]))
     # the unconditional model that label dropout trained, scored as an unconditional run is

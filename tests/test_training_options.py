@@ -113,6 +113,43 @@ def test_options_are_recorded_and_a_v_run_loads_as_v(in_tmp):
     assert state["ema"]["power"] == 6.94
 
 
+def test_the_conditional_digits_recipe_uses_the_options_and_recommends_guidance_at_high_noise(in_tmp):
+    """`python ddpm_conditional.py`: v-prediction, Min-SNR, the power EMA, 40 epochs, and guidance 3.5 at the noisiest
+    60% of the steps recorded as the run's sampling settings; every other recipe keeps the original's."""
+    args = ddpm_conditional.parse_args([])
+    assert (args.prediction, args.loss_weight, args.ema_power, args.epochs) == ("v", "min_snr", 6.94, 40)
+    assert (args.cfg_scale, args.guidance_interval) == (3.5, [400, 999])
+    assert ddpm_conditional.parse_args(["--noise_steps", "20"]).guidance_interval == [8, 19]  # the same noise levels
+    assert ddpm_conditional.parse_args(["--guidance_interval", "0", "999"]).guidance_interval == [0, 999]
+    unconditional = ddpm.parse_args(ddpm.build_parser(), [])
+    assert (unconditional.prediction, unconditional.loss_weight, unconditional.epochs) == ("eps", "none", 60)
+    for flags in (["--dataset", "emoji"], ["--dataset", "mnist"], ["--dataset_path", "data"]):
+        other = ddpm_conditional.parse_args(flags)
+        assert (other.cfg_scale, other.guidance_interval) == (3.0, None), flags
+    ddpm_conditional.main([*TINY, "--limit", "20", "--batch_size", "10", "--epochs", "1", "--sample_every", "0"])
+    config = json.loads((in_tmp / "models" / "DDPM_conditional" / "run.json").read_text())
+    assert config["diffusion_args"]["prediction"] == "v"
+    assert config["sampling"] == {"sampler": "dpmpp2m", "steps": 5, "cfg_scale": 3.5, "guidance_interval": [40, 99]}
+
+
+def test_a_run_saved_before_the_options_existed_resumes_with_the_originals(in_tmp):
+    """A digits run trained before --prediction, --loss_weight, --ema_power and the recipe's guidance existed was an
+    eps run with the original's EMA and guidance: resuming it must not turn it into today's recipe."""
+    flags = [*TINY, "--limit", "20", "--batch_size", "10", "--sample_every", "0", "--run_name", "old"]
+    ddpm_conditional.main([*flags, "--epochs", "1", "--prediction", "eps", "--loss_weight", "none",
+                           "--ema_power", "0", "--cfg_scale", "3", "--guidance_interval", "0", "99"])
+    path = in_tmp / "models" / "old" / "resume.pt"
+    state = torch.load(path, weights_only=True)
+    for key in ("prediction", "loss_weight", "ema_power", "guidance_interval"):
+        del state["args"][key]
+    torch.save(state, path)
+    args = ddpm_conditional.parse_args([*flags, "--epochs", "2", "--resume"])
+    assert (args.prediction, args.loss_weight, args.ema_power, args.cfg_scale, args.guidance_interval) == \
+        ("eps", "none", 0.0, 3.0, None)
+    ddpm_conditional.main([*flags, "--epochs", "2", "--resume"])
+    assert json.loads((in_tmp / "models" / "old" / "run.json").read_text())["diffusion_args"]["prediction"] == "eps"
+
+
 def nearest_distance(trainer: ddpm.Trainer, real: torch.Tensor) -> float:
     """Mean distance from 64 DDIM-20 samples to their nearest training image, in [0, 1] pixel units."""
     torch.manual_seed(0)
@@ -146,20 +183,30 @@ def test_the_frontier_tool_trains_evaluates_reuses_and_reports(in_tmp):
 
     readme = in_tmp / "README.md"
     readme.write_text("<!-- frontier_tiny:start -->\n<!-- frontier_tiny:end -->\n")
-    tiny = "--limit 64 --width 8 --image_size 16 --noise_steps 20 --sample_every 0"
-    argv = ["--name", "tiny", "--epochs", "1", "--precision", "fp32", "--n", "20", "--eval_flags", "--judge_epochs 1",
-            "--variant", f"base={tiny}", "--variant", f"v={tiny} --prediction v", "--readme", str(readme)]
+    tiny = "--limit 64 --width 8 --image_size 16 --noise_steps 20 --sample_every 0 --cfg_scale 2"
+    argv = ["--name", "tiny", "--epochs", "1", "--precision", "fp32", "--n", "20",
+            "--variant", f"eps={tiny} --prediction eps", "--variant", f"v={tiny} --prediction v", "--readme", str(readme)]
     frontier.main(argv)
     rows = json.loads((in_tmp / "results" / "frontier_tiny.json").read_text())
-    assert [(r["variant"], r["steps"], r["precision"]) for r in rows] == [("base", 1, "fp32"), ("v", 1, "fp32")]
+    assert [(r["variant"], r["steps"], r["precision"]) for r in rows] == [("eps", 1, "fp32"), ("v", 1, "fp32")]
     assert all(r["minutes"] > 0 and 0 <= r["accuracy"] <= 1 and r["floor"] > 0 for r in rows)
     v_run = in_tmp / "models" / rows[1]["run"]
-    assert json.loads((v_run / "run.json").read_text())["diffusion_args"]["prediction"] == "v"
+    assert [json.loads((in_tmp / "models" / r["run"] / "run.json").read_text())["diffusion_args"]["prediction"]
+            for r in rows] == ["eps", "v"]
     text = readme.read_text()
+    # each run at its recommended settings: the guidance its training recorded
     assert "python -m tools.frontier --name tiny" in text and "| v | 1 | 0 | 1 |" in text
+    assert [r["setting"] for r in rows] == ["dpmpp2m-15, cfg 2 at t 8..19"] * 2  # the recipe's interval, at T = 20
     assert (in_tmp / "assets" / "frontier_tiny.png").is_file()
     # a second call reuses every finished point: nothing is trained or evaluated again
-    stamp = (v_run / "resume.pt").stat().st_mtime_ns, (in_tmp / "results" / rows[1]["run"] / "eval.json").stat().st_mtime_ns
+    own_report = in_tmp / "results" / rows[1]["run"] / "eval.json"
+    stamp = (v_run / "resume.pt").stat().st_mtime_ns, own_report.stat().st_mtime_ns
     frontier.main(argv)
-    assert ((v_run / "resume.pt").stat().st_mtime_ns,
-            (in_tmp / "results" / rows[1]["run"] / "eval.json").stat().st_mtime_ns) == stamp
+    assert ((v_run / "resume.pt").stat().st_mtime_ns, own_report.stat().st_mtime_ns) == stamp
+    # one setting for every run: the runs are evaluated again (not trained), into their own folder
+    frontier.main(argv + ["--eval_flags", "--cfg_scale 4 --guidance_interval 5 19"])
+    rows = json.loads((in_tmp / "results" / "frontier_tiny.json").read_text())
+    assert [r["setting"] for r in rows] == ["dpmpp2m-15, cfg 4 at t 5..19"] * 2
+    assert (own_report.parent / "cfg_scale_4_guidance_interval_5_19" / "eval.json").is_file()
+    assert ((v_run / "resume.pt").stat().st_mtime_ns, own_report.stat().st_mtime_ns) == stamp
+    assert "--eval_flags '--cfg_scale 4 --guidance_interval 5 19'" in readme.read_text()
