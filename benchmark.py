@@ -34,7 +34,7 @@ from torch.utils.flop_counter import FlopCounterMode
 import ddpm
 import ddpm_conditional
 from modules import SelfAttention
-from utils import (UserError, add_runtime_args, autocast_dtype, cpu_has_native, pick_device, precision_name, run_main,
+from utils import (HelpFormatter, UserError, add_runtime_args, autocast_dtype, cpu_has_native, pick_device, precision_name, run_main,
                    save_json, update_readme_block)
 
 
@@ -290,14 +290,15 @@ def update_readme(path: Path, r: dict) -> None:
     update_readme_block(path, "benchmark", table)
 
 
-def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description="Benchmark training and sampling.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--image_size", type=int, default=16)
-    p.add_argument("--c_in", type=int, default=1)
-    p.add_argument("--width", type=int, default=32)
-    p.add_argument("--batch_size", type=int, default=64)
-    p.add_argument("--unconditional", dest="conditional", action="store_false", help="benchmark ddpm.py's step")
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="Benchmark training and sampling (the defaults: the digits default's "
+                                            "configuration, conditional).", formatter_class=HelpFormatter)
+    p.add_argument("--image_size", type=int, default=16, help="side of the square images")
+    p.add_argument("--c_in", type=int, default=1, help="image channels")
+    p.add_argument("--width", type=int, default=32, help="base channel width of the UNet")
+    p.add_argument("--batch_size", type=int, default=64, help="images per training step")
+    p.add_argument("--unconditional", dest="conditional", action="store_false",
+                   help="benchmark ddpm.py's step instead of ddpm_conditional.py's")
     add_runtime_args(p)
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--original", action="store_true",
@@ -311,11 +312,15 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--sample_steps", type=int, default=ddpm.DEFAULT_STEPS, help="steps of --sampler")
     p.add_argument("--repeats", type=int, default=5, help="timed training steps (median)")
     p.add_argument("--sample_n", type=int, default=16, help="images per sampling measurement")
-    p.add_argument("--matmul_size", type=int, default=4096)
+    p.add_argument("--matmul_size", type=int, default=4096, help="side of the square matmuls that measure the peak")
     p.add_argument("--profile", action="store_true", help="print torch.profiler's top operators of the training step")
     p.add_argument("--json", default=None, help="also write the results here")
     p.add_argument("--readme", default=None, help="put the result as a row of this README's benchmark table")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
     if args.original:
         if args.precision not in ("auto", "fp32"):
             raise UserError(f"--original trains in fp32, as the original did: drop --precision {args.precision}")

@@ -1,7 +1,7 @@
 """How good are a run's samples? Offline metrics judged by a small classifier trained on the run's own data.
 
     python evaluate.py --run models/DDPM_conditional                 # table + results/<run>/eval.json
-    python evaluate.py --run models/DDPM_conditional --sweep cfg     # guidance scales 0..7, plots
+    python evaluate.py --run models/DDPM_conditional --sweep cfg     # guidance scales 1..7, plots
     python evaluate.py --run models/DDPM_conditional --sweep steps   # every sampler at 5..100 network evaluations
     python evaluate.py --run models/DDPM_conditional --sweep all --readme README.md   # the README's Results
 
@@ -30,7 +30,7 @@ from utils import (HelpFormatter, ImageFiles, UserError, add_runtime_args, autoc
                    labels_of, load_checkpoint, load_dataset, run_main, save_checkpoint, save_images, save_json,
                    seed_everything, split_held_out, to_model_range, update_readme_block)
 
-CFG_SWEEP = [0, 1, 2, 3, 4, 5, 6, 7]
+CFG_SWEEP = [1, 2, 3, 4, 5, 6, 7]  # 1 = unguided; a scale <= 0 is treated as 1, so 0 would repeat it
 # Every sampler at these network evaluations (one per step, a guided one included), and the original's chain.
 STEPS_SWEEP = [(sampler, nfe) for sampler in SAMPLERS for nfe in (5, 10, 15, 20, 50, 100)]
 FULL_CHAIN = [("ddpm", None)]  # the original's 999 steps: as long as the whole steps sweep, so in "all" only
@@ -560,7 +560,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--unconditional", action="store_true",
                    help="conditional runs: score the unconditional model that label dropout trained (label -1)")
     p.add_argument("--sweep", choices=["none", "cfg", "steps", "all"], default="none",
-                   help="cfg: guidance scales 0..7; steps: every sampler at 5..100 network evaluations; all: both, "
+                   help="cfg: guidance scales 1..7; steps: every sampler at 5..100 network evaluations; all: both, "
                         "and the original's 999-step chain")
     p.add_argument("--exact", action="store_true",
                    help="also score the exact denoiser of the training set at every setting (a model without error)")

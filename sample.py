@@ -36,14 +36,15 @@ def architecture_of(state: dict) -> dict:
     return args
 
 
-def load(path: str | Path, ema: bool = True, device: str | torch.device | None = None, img_size: int | None = None,
-         **model_args) -> tuple[nn.Module, ddpm.Diffusion]:
+def load(path: str | Path, ema: bool = True, device: str | torch.device | None = None, image_size: int | None = None,
+         *, img_size: int | None = None, **model_args) -> tuple[nn.Module, ddpm.Diffusion]:
     """Rebuild (model, diffusion) from a run folder (models/<run>) or a checkpoint file.
 
     A run folder's run.json gives the architecture, image size and schedule; its EMA weights are
     used when present and `ema` is true. A bare checkpoint of the original (no run.json) loads
-    too: the architecture is read off its shapes, `img_size` (default 64, the original's) and
-    `model_args` fill in the rest. Nothing in the file is executed (weights_only loading).
+    too: the architecture is read off its shapes, `image_size` (default 64, the original's; `img_size`, the
+    Diffusion's name for it, is accepted too) and `model_args` fill in the rest. Nothing in the file is executed
+    (weights_only loading).
     """
     path = Path(path).expanduser()
     folder = path if path.is_dir() else path.parent
@@ -63,8 +64,8 @@ def load(path: str | Path, ema: bool = True, device: str | torch.device | None =
     diffusion_args = dict(config.get("diffusion_args", {}))
     diffusion_args.setdefault("img_size", 64)
     diffusion_args["c_in"] = arch["c_in"]
-    if img_size is not None:
-        diffusion_args["img_size"] = img_size
+    if (image_size or img_size) is not None:
+        diffusion_args["img_size"] = image_size or img_size
 
     device = pick_device(None if device is None else str(device))
     conditional = "num_classes" in arch
@@ -114,6 +115,21 @@ def fill_sampling(args: argparse.Namespace, conditional: bool) -> None:
             setattr(args, key, value)
 
 
+def class_indices(labels: list[str], model: nn.Module) -> list[int]:
+    """--labels as class indices: each an index, -1, or one of the run's class names."""
+    names = model.class_names or [str(k) for k in range(model.num_classes)]
+    indices = []
+    for label in labels:
+        if label in names:
+            indices.append(names.index(label))
+        elif label.lstrip("-").isdigit() and -1 <= int(label) < model.num_classes:
+            indices.append(int(label))
+        else:
+            classes = ", ".join(f"{k} {name}" for k, name in enumerate(names))
+            raise UserError(f"--labels {label}: not a class of this run, whose classes are {classes} (or -1 for none)")
+    return indices
+
+
 def full_chain(steps: int, sampler: str, diffusion: ddpm.Diffusion) -> int | None:
     """--steps 0 means every step: the original's chain for ddpm (steps=None), all T-1 steps for the others."""
     if steps:
@@ -124,15 +140,16 @@ def full_chain(steps: int, sampler: str, diffusion: ddpm.Diffusion) -> int | Non
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description="Sample images from a trained run.", formatter_class=HelpFormatter)
     p.add_argument("--run", required=True, help="a run folder (models/<run_name>) or a checkpoint file")
-    p.add_argument("--labels", type=int, nargs="*", default=None,
-                   help="conditional runs: one grid row per label, -1 for the unconditional model (default: every "
-                        "class)")
+    p.add_argument("--labels", nargs="*", default=None,
+                   help="conditional runs: one grid row per class, given by index or by name (a folder's sub-folder "
+                        "names), -1 for the unconditional model (default: every class)")
     p.add_argument("--n", type=int, default=8, help="images per label (unconditional: images in all)")
     add_sampler_args(p)
     p.add_argument("--eta", type=float, default=None,
                    help="DDIM noise, in [0, 1]: 0 deterministic, 1 like DDPM (default: 0)")
     p.add_argument("--no_ema", action="store_true", help="use ckpt.pt even when ema_ckpt.pt exists")
-    p.add_argument("--img_size", type=int, default=None, help="image size of a bare checkpoint without run.json")
+    p.add_argument("--image_size", "--img_size", type=int, default=None,
+                   help="image size of a bare checkpoint without run.json (default: 64, the original's)")
     add_runtime_args(p)
     p.add_argument("--out", default="samples.png", help="the grid image")
     p.add_argument("--out_dir", default=None, help="also write every image as its own PNG here")
@@ -140,7 +157,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.n < 1:
         raise UserError(f"--n must be at least 1, got {args.n}")
 
-    model, diffusion = load(args.run, ema=not args.no_ema, device=args.device, img_size=args.img_size)
+    model, diffusion = load(args.run, ema=not args.no_ema, device=args.device, image_size=args.image_size)
     conditional = isinstance(model, UNet_conditional)
     given = [f"--{k}" for k in ("labels", "cfg_scale", "guidance_interval") if getattr(args, k) is not None]
     if given and not conditional:
@@ -152,7 +169,7 @@ def main(argv: list[str] | None = None) -> None:
     seed_everything(args.seed)
     kwargs = dict(sampler=args.sampler, steps=full_chain(args.steps, args.sampler, diffusion), eta=args.eta or 0.0)
     if conditional:
-        classes = list(range(model.num_classes)) if args.labels is None else args.labels
+        classes = list(range(model.num_classes)) if args.labels is None else class_indices(args.labels, model)
         labels = torch.tensor(classes).repeat_interleave(args.n)
         kwargs.update(labels=labels, cfg_scale=args.cfg_scale, guidance_interval=args.guidance_interval)
         n, nrow = len(labels), args.n

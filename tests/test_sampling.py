@@ -1,3 +1,4 @@
+import argparse
 import json
 import os
 import re
@@ -8,6 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
+import benchmark
 import ddpm
 import ddpm_conditional
 import evaluate
@@ -253,9 +255,15 @@ def test_the_originals_bare_checkpoint_loads(tmp_path):
 def test_a_bare_checkpoint_with_input_skip_loads(tmp_path):
     trained = UNet(c_in=1, c_out=1, width=8, input_skip=True)
     torch.save(trained.state_dict(), tmp_path / "ckpt.pt")
-    model, _ = sample.load(tmp_path / "ckpt.pt", device="cpu", img_size=16)
+    model, diffusion = sample.load(tmp_path / "ckpt.pt", device="cpu", image_size=16)
     x, t = torch.randn(2, 1, 16, 16), torch.tensor([3, 9])
     torch.testing.assert_close(model(x, t), trained.eval()(x, t))
+    assert diffusion.img_size == 16
+    assert sample.load(tmp_path / "ckpt.pt", device="cpu", img_size=24)[1].img_size == 24  # the Diffusion's spelling
+    sample.main(["--run", str(tmp_path / "ckpt.pt"), "--img_size", "8", "--n", "1", "--steps", "2",
+                 "--out", str(tmp_path / "grid.png"), "--out_dir", str(tmp_path / "each")])  # the flag's old spelling
+    with Image.open(tmp_path / "each" / "00000.png") as im:
+        assert im.size == (8, 8)
 
 
 class Payload:
@@ -289,6 +297,21 @@ def test_sample_command_writes_grid_and_images(tmp_path, capsys, device):
     with Image.open(each[0]) as im:
         assert im.size == (16, 16)  # single images at native size
     assert "rows: c, a" in capsys.readouterr().out
+
+
+def test_sample_command_takes_class_names_and_lists_them_when_one_is_unknown(tmp_path, capsys):
+    make_run(tmp_path / "run")
+    draw = lambda name, *labels: sample.main(["--run", str(tmp_path / "run"), "--n", "2", "--steps", "4",
+                                              "--out", str(tmp_path / name), "--labels", *labels])
+    draw("names.png", "c", "a", "-1")
+    draw("indices.png", "2", "0", "-1")
+    assert (tmp_path / "names.png").read_bytes() == (tmp_path / "indices.png").read_bytes()
+    capsys.readouterr()
+    for bad in ("z", "3", "-2"):
+        with pytest.raises(SystemExit):
+            run_main(lambda: draw("bad.png", bad))
+        err = capsys.readouterr().err.strip()
+        assert err == f"error: --labels {bad}: not a class of this run, whose classes are 0 a, 1 b, 2 c (or -1 for none)"
 
 
 def test_sample_command_guidance_interval(tmp_path):
@@ -363,13 +386,16 @@ def test_sample_command_draws_the_unconditional_model_of_a_conditional_run(tmp_p
     assert "rows: (unconditional), b" in capsys.readouterr().out
 
 
-def test_help_shows_each_default_once(capsys):
-    import ddpm
-    import evaluate
+def test_help_shows_each_default_once_and_explains_every_flag(capsys):
+    parsers = [ddpm.build_parser(), ddpm_conditional.build_parser(), evaluate.build_parser(), benchmark.build_parser()]
+    for parser in parsers:
+        assert all(action.help for action in parser._actions), [a.dest for a in parser._actions if not a.help]
+        switches = [a for a in parser._actions if isinstance(a, (argparse._StoreTrueAction, argparse._StoreFalseAction))]
+        # a switch's default is its absence: "--unconditional (default: True)" misled
+        assert not [a.dest for a in switches if "(default:" in parser.formatter_class(parser.prog)._get_help_string(a)]
     with pytest.raises(SystemExit):
         sample.main(["--help"])
-    for text in (ddpm.build_parser().format_help(), ddpm_conditional.build_parser().format_help(),
-                 evaluate.build_parser().format_help(), capsys.readouterr().out):
+    for text in [parser.format_help() for parser in parsers] + [capsys.readouterr().out]:
         assert "(default: None)" not in text and text.count("(default:") >= 5
         assert not re.search(r"\(default: [^)]*\)\s*\(default:", text)
 
