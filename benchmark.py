@@ -34,8 +34,8 @@ from torch.utils.flop_counter import FlopCounterMode
 import ddpm
 import ddpm_conditional
 from modules import SelfAttention
-from utils import (HelpFormatter, UserError, add_runtime_args, autocast_dtype, cpu_has_native, pick_device, precision_name, run_main,
-                   save_json, update_readme_block)
+from utils import (HelpFormatter, UserError, add_runtime_args, autocast_dtype, cpu_has_native, pick_device,
+                   precision_name, run_main, save_json, update_readme_block)
 
 
 def sync(device: torch.device) -> None:
