@@ -1,6 +1,6 @@
 """Sample from a trained run: `load` in a notebook, or from the command line.
 
-    python sample.py --run models/DDPM_conditional --labels 3 3 7 --n 16 --cfg_scale 3 --out samples.png
+    python sample.py --run models/DDPM_conditional --labels 3 7 --n 16 --cfg_scale 3 --out samples.png
 
 In a notebook:
 
@@ -143,7 +143,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--labels", nargs="*", default=None,
                    help="conditional runs: one grid row per class, given by index or by name (a folder's sub-folder "
                         "names), -1 for the unconditional model (default: every class)")
-    p.add_argument("--n", type=int, default=8, help="images per label (unconditional: images in all)")
+    p.add_argument("--n", type=int, default=None,
+                   help="images in all, as in sample(model, n): a conditional run's are split evenly over --labels, "
+                        "a grid row each (default: 8 per label; unconditional: 8)")
     add_sampler_args(p)
     p.add_argument("--eta", type=float, default=None,
                    help="DDIM noise, in [0, 1]: 0 deterministic, 1 like DDPM (default: 0)")
@@ -154,7 +156,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", default="samples.png", help="the grid image")
     p.add_argument("--out_dir", default=None, help="also write every image as its own PNG here")
     args = p.parse_args(argv)
-    if args.n < 1:
+    if args.n is not None and args.n < 1:
         raise UserError(f"--n must be at least 1, got {args.n}")
 
     model, diffusion = load(args.run, ema=not args.no_ema, device=args.device, image_size=args.image_size)
@@ -170,11 +172,16 @@ def main(argv: list[str] | None = None) -> None:
     kwargs = dict(sampler=args.sampler, steps=full_chain(args.steps, args.sampler, diffusion), eta=args.eta or 0.0)
     if conditional:
         classes = list(range(model.num_classes)) if args.labels is None else class_indices(args.labels, model)
-        labels = torch.tensor(classes).repeat_interleave(args.n)
+        n = args.n or 8 * len(classes)
+        if n % len(classes):
+            raise UserError(f"--n {n} images do not split evenly over {len(classes)} labels: give a multiple of "
+                            f"{len(classes)}")
+        nrow = n // len(classes)
+        labels = torch.tensor(classes).repeat_interleave(nrow)
         kwargs.update(labels=labels, cfg_scale=args.cfg_scale, guidance_interval=args.guidance_interval)
-        n, nrow = len(labels), args.n
     else:
-        n, nrow = args.n, square_nrow(args.n)
+        n = args.n or 8
+        nrow = square_nrow(n)
     try:
         with autocast(device, autocast_dtype(args.precision, device)):
             images = diffusion.sample(model, n, **kwargs)

@@ -286,7 +286,7 @@ def test_a_malicious_pickle_is_refused_without_running(tmp_path):
 def test_sample_command_writes_grid_and_images(tmp_path, capsys, device):
     make_run(tmp_path / "run")
     out = tmp_path / "grid.png"
-    sample.main(["--run", str(tmp_path / "run"), "--labels", "2", "0", "--n", "3", "--steps", "4",
+    sample.main(["--run", str(tmp_path / "run"), "--labels", "2", "0", "--n", "6", "--steps", "4",
                  "--out", str(out), "--out_dir", str(tmp_path / "each"), "--precision", "fp32", "--device", device])
     with Image.open(out) as im:  # rows = labels, columns = n; 56 pixels wide, enlarged 9x towards 512 pixels
         assert im.size == (9 * (3 * 18 + 2), 9 * (2 * 18 + 2))
@@ -297,11 +297,17 @@ def test_sample_command_writes_grid_and_images(tmp_path, capsys, device):
     with Image.open(each[0]) as im:
         assert im.size == (16, 16)  # single images at native size
     assert "rows: c, a" in capsys.readouterr().out
+    # --n is the total, as in sample(model, n): 8 per label unless given, and it must split evenly
+    sample.main(["--run", str(tmp_path / "run"), "--labels", "1", "--steps", "2", "--out", str(tmp_path / "g.png"),
+                 "--out_dir", str(tmp_path / "eight")])
+    assert len(list((tmp_path / "eight").glob("*.png"))) == 8
+    with pytest.raises(UserError, match="--n 5 images do not split evenly over 2 labels: give a multiple of 2"):
+        sample.main(["--run", str(tmp_path / "run"), "--labels", "2", "0", "--n", "5", "--out", str(out)])
 
 
 def test_sample_command_takes_class_names_and_lists_them_when_one_is_unknown(tmp_path, capsys):
     make_run(tmp_path / "run")
-    draw = lambda name, *labels: sample.main(["--run", str(tmp_path / "run"), "--n", "2", "--steps", "4",
+    draw = lambda name, *labels: sample.main(["--run", str(tmp_path / "run"), "--n", "3", "--steps", "4",
                                               "--out", str(tmp_path / name), "--labels", *labels])
     draw("names.png", "c", "a", "-1")
     draw("indices.png", "2", "0", "-1")
@@ -316,7 +322,7 @@ def test_sample_command_takes_class_names_and_lists_them_when_one_is_unknown(tmp
 
 def test_sample_command_guidance_interval(tmp_path):
     make_run(tmp_path / "run")
-    run = lambda name, *flags: sample.main(["--run", str(tmp_path / "run"), "--n", "2", "--steps", "4",
+    run = lambda name, *flags: sample.main(["--run", str(tmp_path / "run"), "--n", "3", "--steps", "4",
                                             "--out", str(tmp_path / name), *flags])
     run("all.png")
     run("all_again.png", "--guidance_interval", "0", "19")
@@ -418,7 +424,7 @@ def test_a_runs_recommended_sampling_settings_are_the_defaults(in_tmp):
     assert sample.recommended(run, True) == dict(sampler="dpmpp2m", steps=4, cfg_scale=2.0, guidance_interval=(5, 19))
     assert sample.recommended(run, False) == dict(sampler="dpmpp2m", steps=4)
 
-    draw = lambda name, *flags: sample.main(["--run", str(run), "--n", "2", "--out", name, *flags])
+    draw = lambda name, *flags: sample.main(["--run", str(run), "--n", "10", "--out", name, *flags])
     draw("run.png")
     draw("spelt_out.png", "--sampler", "dpmpp2m", "--steps", "4", "--cfg_scale", "2", "--guidance_interval", "5", "19")
     draw("scale_3.png", "--cfg_scale", "3")
