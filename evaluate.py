@@ -3,7 +3,7 @@
     python evaluate.py --run models/DDPM_conditional                 # table + results/<run>/eval.json
     python evaluate.py --run models/DDPM_conditional --sweep cfg     # guidance scales 1..7, plots
     python evaluate.py --run models/DDPM_conditional --sweep steps   # every sampler at 5..100 network evaluations
-    python evaluate.py --run models/DDPM_conditional --sweep all --readme README.md   # the README's Results
+    python evaluate.py --run models/DDPM_conditional --sweep steps --readme README.md   # the README's Results
 
 The judge is a small CNN trained on the run's training images (cached in the run folder). Its
 penultimate features stand in for Inception's: Frechet distance and KID are computed in them,
