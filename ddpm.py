@@ -5,7 +5,6 @@
 """
 import argparse
 import math
-import os
 import signal
 import sys
 import time
@@ -21,10 +20,11 @@ from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 from modules import UNet
-from utils import (HelpFormatter, SeededSampler, UserError, add_runtime_args, autocast, autocast_dtype, barrier,
-                   check_new_run, close_loader, gather, get_data, init_distributed, load_checkpoint, make_grid,
-                   pick_device, precision_name, run_main, save_checkpoint, save_images, save_json, seed_everything,
-                   setup_logging, square_nrow, tensor_bytes, write_error)
+from utils import (HelpFormatter, SeededSampler, StopRequest, UserError, add_runtime_args, autocast, autocast_dtype,
+                   barrier, check_new_run, close_loader, gather, get_data, init_distributed, load_checkpoint,
+                   make_grid, parse_run_args, pick_device, precision_name, resume_command, run_main,
+                   save_checkpoint, save_images, save_json, seed_everything, setup_logging, square_nrow,
+                   tensor_bytes, write_error)
 
 
 SAMPLERS = ("ddpm", "ddim", "dpmpp2m")
@@ -314,9 +314,7 @@ class Trainer:
         self.epoch, self.batch = 0, 0      # where the next step starts
         self.logger = None                 # TensorBoard, opened by fit() on rank 0
         self.first_bad_step = torch.full((), -1, device=self.device)
-        self.stop_signal, self.stop_time = None, 0.0
-        # Stop requests are shared over a CPU (gloo) group: checking one every step costs no device sync.
-        self.stop_group = dist.new_group(backend="gloo") if self.world_size > 1 else None
+        self.stop = StopRequest(self.world_size)  # Ctrl-C / SIGTERM: finish the step, save, exit
         self.folder = Path("models") / args.run_name
         if self.is_main and not args.resume:
             save_json(self.run_config(), self.folder / "run.json")
@@ -505,7 +503,7 @@ class Trainer:
                   f"precision {self.amp_dtype or torch.float32}, {a.epochs} epochs of {steps} steps")
         self.model.train()
         self.clock = time.monotonic()
-        previous_handlers = {s: signal.signal(s, self.request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
+        self.stop.listen()
         try:
             for epoch in range(self.epoch, a.epochs):
                 self.train_epoch(epoch)
@@ -516,8 +514,7 @@ class Trainer:
             if self.is_main:
                 print(f"{a.run_name}: {self.step} steps in {self.train_seconds / 60:.1f} minutes")
         finally:
-            for s, handler in previous_handlers.items():
-                signal.signal(s, handler)
+            self.stop.restore()
             close_loader(self.loader)
             if self.is_main:
                 self.logger.close()
@@ -538,7 +535,7 @@ class Trainer:
                                        labels.to(self.device, non_blocking=True))
             count += 1
             self.batch = i + 1
-            stop = self.stop_requested()
+            stop = self.stop.requested()  # after every step: torchrun gives its workers 30 s to save
             log = count == a.log_every or i == steps - 1 or stop
             if log:
                 mse = running.item() / count  # the only host sync, once per log_every steps
@@ -551,48 +548,11 @@ class Trainer:
                 self.save()
             if stop:
                 self.save()
-                signum = self.stop_signal or signal.SIGTERM
+                signum = self.stop.signal or signal.SIGTERM
                 if self.is_main:
                     print(f"\n{signal.Signals(signum).name}: stopped at epoch {epoch}, step {self.step}; checkpoint "
                           f"saved in {self.folder}. Resume with: {resume_command(a, self.world_size)}", file=sys.stderr)
                 sys.exit(128 + signum)
-
-    def stop_requested(self) -> bool:
-        """Whether any process got Ctrl-C / SIGTERM. Asked after every step, so that a stop is saved
-        within one step (torchrun gives its workers 30 s); under torchrun all processes agree through
-        a CPU-side group, which costs no device sync."""
-        stop = torch.tensor(float(self.stop_signal is not None))
-        if self.world_size > 1:
-            dist.all_reduce(stop, op=dist.ReduceOp.MAX, group=self.stop_group)
-        return bool(stop)
-
-    def request_stop(self, signum, frame) -> None:
-        """First Ctrl-C / SIGTERM: finish the step, save, exit. Another one more than SIGNAL_ECHO seconds
-        later: exit at once (checkpoints stay intact). Sooner, it is the same request again: a job
-        scheduler signals every process and torchrun forwards its own signal on top."""
-        if self.stop_signal is not None:
-            if time.monotonic() - self.stop_time > SIGNAL_ECHO:
-                raise KeyboardInterrupt
-            return
-        self.stop_signal, self.stop_time = signum, time.monotonic()
-        print(f"\n{signal.Signals(signum).name}: finishing this step and saving (again after "
-              f"{SIGNAL_ECHO:g} s to quit at once)",
-              file=sys.stderr)
-
-
-SIGNAL_ECHO = 5.0  # seconds within which a second stop signal counts as the first one again
-
-
-def resume_command(args: argparse.Namespace, world_size: int) -> str:
-    """The command that continues this run: python for one process, torchrun with as many for several."""
-    script = "ddpm_conditional.py" if hasattr(args, "num_classes") else "ddpm.py"
-    launcher = "python"
-    if world_size > 1:
-        per_node = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
-        launcher = f"torchrun --nproc_per_node {per_node}"
-        if per_node != world_size:
-            launcher = f"torchrun --nnodes {world_size // per_node} --nproc_per_node {per_node} <rendezvous flags>"
-    return f"{launcher} {script} --resume --run_name {args.run_name}"
 
 
 def min_snr_weight(snr: torch.Tensor, gamma: float, prediction: str) -> torch.Tensor:
@@ -700,67 +660,8 @@ def build_parser(description: str = "Train an unconditional DDPM.", run_name: st
     return p
 
 
-def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None = None, recipes: dict = RECIPES,
-               original_options: dict = ORIGINAL_OPTIONS) -> argparse.Namespace:
-    """Parse, fill the data-dependent defaults (a recipe's value may be a function of the other arguments), and
-    check the values. A resumed run keeps its own options, and gets `original_options` for those it predates."""
-    args = parser.parse_args(argv)
-    if args.resume and args.overwrite:
-        raise UserError("--resume continues a run and --overwrite deletes it: give one of them")
-    if args.resume:
-        args = resumed_args(parser, argv, args, original_options)
-    if args.dataset and args.dataset_path:
-        raise UserError(f"--dataset {args.dataset} and --dataset_path both name the data: give one of them")
-    if args.dataset_path is None:
-        args.dataset = args.dataset or "digits"
-    for key, value in recipes[args.dataset or "folder"].items():
-        if getattr(args, key) is None and not (args.resume and key in original_options):  # a resumed run's None stays
-            setattr(args, key, value(args) if callable(value) else value)
-    if args.image_size < 8 or args.image_size % 8:
-        raise UserError(f"--image_size {args.image_size} must be a positive multiple of 8 (the UNet halves it 3 times)")
-    for name in ("batch_size", "epochs", "width", "noise_steps", "sample_steps", "limit"):
-        if getattr(args, name) is not None and getattr(args, name) < 1:
-            raise UserError(f"--{name} must be at least 1, got {getattr(args, name)}")
-    if args.width % 4:
-        raise UserError(f"--width {args.width} must be a multiple of 4 (4 attention heads)")
-    if args.noise_steps < 2:
-        raise UserError("--noise_steps must be at least 2")
-    if args.snr_gamma <= 0:
-        raise UserError(f"--snr_gamma must be positive, got {args.snr_gamma:g}")
-    if args.lr <= 0:
-        raise UserError(f"--lr must be positive, got {args.lr}")
-    if args.c_in is not None and args.c_in not in (1, 3, 4):
-        raise UserError(f"--c_in {args.c_in} is not supported: use 1 (grayscale), 3 (RGB) or 4 (RGBA)")
-    args.command = " ".join(sys.argv) if argv is None else " ".join(["ddpm.py", *argv])
-    return args
-
-
-# What a resumed run may not change: the model and the data (and so the meaning of a step).
-LOCKED = ("dataset", "dataset_path", "image_size", "c_in", "width", "input_skip", "noise_steps", "schedule",
-          "prediction", "num_classes", "limit", "batch_size", "label_drop")
-
-
-def resumed_args(parser: argparse.ArgumentParser, argv: list[str] | None, args: argparse.Namespace,
-                 original_options: dict = ORIGINAL_OPTIONS) -> argparse.Namespace:
-    """The saved run's arguments, overridden by the flags given now; changing a LOCKED one is an error. A run
-    saved before an option existed was trained without it: it gets the original's value, not today's recipe's."""
-    path = Path("models") / args.run_name / "resume.pt"
-    if not path.is_file():
-        raise UserError(f"nothing to resume: {path} does not exist (check --run_name, or drop --resume)")
-    saved = {**original_options, **load_checkpoint(path)["args"]}
-    world_size, saved_world_size = int(os.environ.get("WORLD_SIZE", 1)), saved.get("world_size", 1)
-    if world_size != saved_world_size:  # the global batch, and with it every step, would change
-        raise UserError(f"{args.run_name} was trained by {saved_world_size} process(es), this is {world_size}: "
-                        f"resume with the same number, {resume_command(argparse.Namespace(**saved), saved_world_size)}")
-    # argparse only fills defaults for attributes the namespace lacks: flags given now win, the rest is the run's
-    merged = parser.parse_args(argv, namespace=argparse.Namespace(**saved))
-    changed = [f"--{k} {getattr(merged, k)} (the run has {saved[k]})" for k in LOCKED
-               if k in saved and getattr(merged, k) != saved[k]]
-    if changed:
-        raise UserError(f"a resumed run keeps its model and data: {', '.join(changed)}; "
-                        f"start a new --run_name to change them")
-    merged.resume = True
-    return merged
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    return parse_run_args(build_parser(), argv, RECIPES, ORIGINAL_OPTIONS)
 
 
 def train(args: argparse.Namespace) -> None:
@@ -768,7 +669,7 @@ def train(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    train(parse_args(build_parser(), argv))
+    train(parse_args(argv))
 
 
 if __name__ == "__main__":

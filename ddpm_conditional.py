@@ -12,7 +12,7 @@ import torch.nn as nn
 
 import ddpm
 from modules import EMA, UNet_conditional
-from utils import UserError, run_main
+from utils import UserError, parse_run_args, run_main
 
 
 CFG_SCALE = 3.0  # the original's guidance scale
@@ -184,7 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    args = ddpm.parse_args(build_parser(), argv, RECIPES, ORIGINAL_OPTIONS)
+    args = parse_run_args(build_parser(), argv, RECIPES, ORIGINAL_OPTIONS)
     if not 0 <= args.label_drop < 1:
         raise UserError(f"--label_drop must be in [0, 1), got {args.label_drop}")
     if args.ema_power < 0:

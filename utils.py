@@ -9,6 +9,7 @@ import shutil
 import signal
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -37,6 +38,11 @@ def run_main(main) -> None:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
+    finally:
+        # under torchrun: close the process group before the interpreter tears it down, which can abort
+        # ("terminate called without an active exception") and fail a finished run
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -54,6 +60,118 @@ def add_runtime_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps")
     p.add_argument("--precision", choices=["auto", *PRECISIONS], default="auto", help=PRECISION_HELP)
     p.add_argument("--seed", type=int, default=0, help="random seed: the same seed gives the same results")
+
+
+# --------------------------------------------------------------------------- command line, resuming
+
+def parse_run_args(parser: argparse.ArgumentParser, argv: list[str] | None, recipes: dict,
+                   original_options: dict) -> argparse.Namespace:
+    """A training script's arguments: parse, fill the data-dependent defaults from `recipes[--dataset]` (or
+    ["folder"]; a value may be a function of the other arguments), and check the values. A resumed run keeps its
+    own options, and gets `original_options` for those it predates."""
+    args = parser.parse_args(argv)
+    if args.resume and args.overwrite:
+        raise UserError("--resume continues a run and --overwrite deletes it: give one of them")
+    if args.resume:
+        args = resumed_args(parser, argv, args, original_options)
+    if args.dataset and args.dataset_path:
+        raise UserError(f"--dataset {args.dataset} and --dataset_path both name the data: give one of them")
+    if args.dataset_path is None:
+        args.dataset = args.dataset or "digits"
+    for key, value in recipes[args.dataset or "folder"].items():
+        if getattr(args, key) is None and not (args.resume and key in original_options):  # a resumed run's None stays
+            setattr(args, key, value(args) if callable(value) else value)
+    if args.image_size < 8 or args.image_size % 8:
+        raise UserError(f"--image_size {args.image_size} must be a positive multiple of 8 (the UNet halves it 3 times)")
+    for name in ("batch_size", "epochs", "width", "noise_steps", "sample_steps", "limit"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            raise UserError(f"--{name} must be at least 1, got {getattr(args, name)}")
+    if args.width % 4:
+        raise UserError(f"--width {args.width} must be a multiple of 4 (4 attention heads)")
+    if args.noise_steps < 2:
+        raise UserError("--noise_steps must be at least 2")
+    if args.snr_gamma <= 0:
+        raise UserError(f"--snr_gamma must be positive, got {args.snr_gamma:g}")
+    if args.lr <= 0:
+        raise UserError(f"--lr must be positive, got {args.lr}")
+    if args.c_in is not None and args.c_in not in (1, 3, 4):
+        raise UserError(f"--c_in {args.c_in} is not supported: use 1 (grayscale), 3 (RGB) or 4 (RGBA)")
+    args.command = " ".join(sys.argv) if argv is None else " ".join(["ddpm.py", *argv])
+    return args
+
+
+# What a resumed run may not change: the model and the data (and so the meaning of a step).
+LOCKED = ("dataset", "dataset_path", "image_size", "c_in", "width", "input_skip", "noise_steps", "schedule",
+          "prediction", "num_classes", "limit", "batch_size", "label_drop")
+
+
+def resumed_args(parser: argparse.ArgumentParser, argv: list[str] | None, args: argparse.Namespace,
+                 original_options: dict) -> argparse.Namespace:
+    """The saved run's arguments, overridden by the flags given now; changing a LOCKED one is an error. A run
+    saved before an option existed was trained without it: it gets the original's value, not today's recipe's."""
+    path = Path("models") / args.run_name / "resume.pt"
+    if not path.is_file():
+        raise UserError(f"nothing to resume: {path} does not exist (check --run_name, or drop --resume)")
+    saved = {**original_options, **load_checkpoint(path)["args"]}
+    world_size, saved_world_size = int(os.environ.get("WORLD_SIZE", 1)), saved.get("world_size", 1)
+    if world_size != saved_world_size:  # the global batch, and with it every step, would change
+        raise UserError(f"{args.run_name} was trained by {saved_world_size} process(es), this is {world_size}: "
+                        f"resume with the same number, {resume_command(argparse.Namespace(**saved), saved_world_size)}")
+    # argparse only fills defaults for attributes the namespace lacks: flags given now win, the rest is the run's
+    merged = parser.parse_args(argv, namespace=argparse.Namespace(**saved))
+    changed = [f"--{k} {getattr(merged, k)} (the run has {saved[k]})" for k in LOCKED
+               if k in saved and getattr(merged, k) != saved[k]]
+    if changed:
+        raise UserError(f"a resumed run keeps its model and data: {', '.join(changed)}; "
+                        f"start a new --run_name to change them")
+    merged.resume = True
+    return merged
+
+
+def resume_command(args: argparse.Namespace, world_size: int) -> str:
+    """The command that continues this run: python for one process, torchrun with as many for several."""
+    script = "ddpm_conditional.py" if hasattr(args, "num_classes") else "ddpm.py"
+    launcher = "python"
+    if world_size > 1:
+        per_node = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
+        launcher = f"torchrun --nproc_per_node {per_node}"
+        if per_node != world_size:
+            launcher = f"torchrun --nnodes {world_size // per_node} --nproc_per_node {per_node} <rendezvous flags>"
+    return f"{launcher} {script} --resume --run_name {args.run_name}"
+
+
+class StopRequest:
+    """Ctrl-C and SIGTERM as a request to finish the step, save and exit. A second signal more than `echo` seconds
+    after the first quits at once (checkpoints stay intact); sooner, it is the same request again: a job scheduler
+    signals every process and torchrun forwards its own signal on top."""
+
+    def __init__(self, world_size: int, echo: float = 5.0):
+        self.signal, self.time, self.echo, self.previous = None, 0.0, echo, {}
+        # under torchrun the processes agree over a CPU (gloo) group: asking every step costs no device sync
+        self.group = dist.new_group(backend="gloo") if world_size > 1 else None
+
+    def listen(self) -> None:
+        self.previous = {s: signal.signal(s, self.handle) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    def restore(self) -> None:
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+    def handle(self, signum, frame) -> None:
+        if self.signal is not None:
+            if time.monotonic() - self.time > self.echo:
+                raise KeyboardInterrupt
+            return
+        self.signal, self.time = signum, time.monotonic()
+        print(f"\n{signal.Signals(signum).name}: finishing this step and saving (again after {self.echo:g} s to quit "
+              f"at once)", file=sys.stderr)
+
+    def requested(self) -> bool:
+        """Whether any process got a stop signal (collective under torchrun)."""
+        stop = torch.tensor(float(self.signal is not None))
+        if self.group is not None:
+            dist.all_reduce(stop, op=dist.ReduceOp.MAX, group=self.group)
+        return bool(stop)
 
 
 # --------------------------------------------------------------------------- devices, seeds
@@ -560,6 +678,11 @@ def update_readme_block(path: str | Path, name: str, new_body) -> None:
     body, tail = rest.split(end, 1)
     atomic_write(path, lambda f: f.write(f"{head}{start}\n{new_body(body)}\n{end}{tail}".encode()))
     print(f"updated {path}")
+
+
+def as_posix_relative(path: str | Path, start: str | Path = ".") -> str:
+    """`path` relative to `start`, with forward slashes: how a markdown file in `start` links to it."""
+    return Path(os.path.relpath(path, start)).as_posix()
 
 
 def load_checkpoint(path: str | Path, map_location="cpu"):

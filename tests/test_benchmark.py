@@ -26,8 +26,9 @@ def test_benchmark_measures_everything_and_writes_json_and_readme(in_tmp, condit
     assert 0 < r["attention_flop_share"] < 1 and 0 < r["attention_time_share"] < 1
     assert set(r["sample_s_per_image"]) == ({"plain", "guided"} if conditional else {"plain"})
     benchmark.main(argv)  # the same configuration again replaces its row
+    amx = getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
     assert r["device"].endswith(f"{torch.get_num_threads()} threads, {torch.backends.cpu.get_cpu_capability()}"
-                                + (" + BF16" if cpu_has_native(torch.bfloat16) else ""))
+                                + (" + BF16" if cpu_has_native(torch.bfloat16) else "") + (" + AMX" if amx else ""))
     rows = [line for line in readme.read_text().splitlines() if line.startswith(f"| {r['device']} |")]
     assert len(rows) == 1 and "1x8², width 8, batch 4, fp32" in rows[0]
     assert readme.read_text().endswith("<!-- benchmark:end -->\ntail\n")

@@ -113,6 +113,6 @@ def test_the_folder_recipe_keeps_the_originals_objective_and_ema(tmp_path):
     assert (folder.prediction, folder.loss_weight, folder.ema_power, folder.ema_beta, folder.ema_start) == \
         ("eps", "none", 0, 0.995, 2000)
     assert (folder.batch_size, folder.epochs, folder.lr) == (14, 300, 3e-4)
-    assert ddpm.parse_args(ddpm.build_parser(), ["--dataset_path", str(tmp_path / "images")]).batch_size == 12
+    assert ddpm.parse_args(["--dataset_path", str(tmp_path / "images")]).batch_size == 12
     emoji = ddpm_conditional.parse_args(["--dataset", "emoji"])
     assert (emoji.prediction, emoji.loss_weight, emoji.ema_power) == ("v", "min_snr", 6.94)

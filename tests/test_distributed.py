@@ -44,7 +44,7 @@ def run_steps(rank: int, world_size: int, folder: str, port: int) -> None:
     eps_all = torch.randn(STEPS, GLOBAL_BATCH, 1, 16, 16, generator=g)
     share = slice(rank * GLOBAL_BATCH // world_size, (rank + 1) * GLOBAL_BATCH // world_size)
 
-    args = ddpm.parse_args(ddpm.build_parser(), [*TINY, "--batch_size", str(GLOBAL_BATCH // world_size),
+    args = ddpm.parse_args([*TINY, "--batch_size", str(GLOBAL_BATCH // world_size),
                                                   "--run_name", f"world{world_size}"])
     args.c_in, args.num_classes_found, args.class_names = 1, 1, ["x"]
     loader = DataLoader(TensorDataset(images[0, share], torch.zeros(GLOBAL_BATCH // world_size)))

@@ -159,14 +159,18 @@ def test_evaluate_unconditional_run_has_no_guidance_and_reports_class_entropy(in
     assert [evaluate.setting_name(r) for r in report["results"]] == ["ddim-5", "ddpm-5", "ddpm-all"]
     assert all(r["cfg_scale"] is None and 0 <= r["class_entropy"] <= 1 for r in report["results"])
     assert "| ddim-5 | - |" in readme.read_text()
-    # another README block: its figures are prefixed with its name, its command names it
-    readme.write_text("<!-- results:start -->\nkept\n<!-- results:end -->\n<!-- other:start -->\n<!-- other:end -->\n")
+    assert "--readme README.md" in readme.read_text() and "](assets/eval_samples.png)" in readme.read_text()
+    # a block of a page in docs/: figures prefixed with the block's name, in the one assets/ folder, linked from
+    # the page's folder; the command names the page
+    page = in_tmp / "docs" / "page.md"
+    page.parent.mkdir()
+    page.write_text("<!-- results:start -->\nkept\n<!-- results:end -->\n<!-- other:start -->\n<!-- other:end -->\n")
     evaluate.evaluate(evaluate.build_parser().parse_args(
-        ["--run", "models/DDPM_Unconditional", "--n", "20", "--sampler", "ddim", "--steps", "5", "--readme", str(readme),
+        ["--run", "models/DDPM_Unconditional", "--n", "20", "--sampler", "ddim", "--steps", "5", "--readme", str(page),
          "--readme_block", "other", "--judge_epochs", "1"]))
-    text = readme.read_text()
-    assert "kept" in text and "--readme_block other --readme README.md" in text
-    assert "![eval_samples.png](assets/other_eval_samples.png)" in text
+    text = page.read_text()
+    assert "kept" in text and "--readme_block other --readme docs/page.md" in text
+    assert "![eval_samples.png](../assets/other_eval_samples.png)" in text
     assert (in_tmp / "assets" / "other_eval_nearest.png").is_file()
     assert (in_tmp / "results" / "DDPM_Unconditional" / "sweep_steps.png").is_file()
     for flag, value in (("--cfg_scale", "3"), ("--unconditional", None)):

@@ -17,7 +17,7 @@ TINY = ["--width", "8", "--image_size", "16", "--precision", "fp32", "--noise_st
 
 
 def test_loss_drops_on_a_fixed_batch(in_tmp):
-    args = ddpm.parse_args(ddpm.build_parser(), [*TINY, "--limit", "16", "--batch_size", "16", "--epochs", "40",
+    args = ddpm.parse_args([*TINY, "--limit", "16", "--batch_size", "16", "--epochs", "40",
                                                   "--lr", "3e-3", "--warmup", "0", "--sample_every", "0"])
     trainer = ddpm.Trainer(args)
     images, _ = next(iter(trainer.loader))
@@ -97,7 +97,7 @@ def test_bf16_loss_curve_tracks_fp32(in_tmp, device):
     """bf16 autocast changes the arithmetic, not the training: the same losses, fp32 master weights."""
     curves = {}
     for precision in ("fp32", "bf16"):
-        args = ddpm.parse_args(ddpm.build_parser(), [
+        args = ddpm.parse_args([
             "--width", "8", "--image_size", "16", "--noise_steps", "100", "--limit", "16", "--batch_size", "16",
             "--lr", "3e-3", "--warmup", "0", "--lr_schedule", "constant", "--precision", precision,
             "--run_name", precision, "--device", device])
@@ -155,12 +155,12 @@ def test_worker_processes_end_with_training(in_tmp):
     """Data workers ignore SIGTERM, so multiprocessing's terminate() at exit cannot end them: unless
     fit() ends them, finished or stopped, the process hangs at exit."""
     write_images(in_tmp / "data" / "a", 8, size=16)
-    args = ddpm.parse_args(ddpm.build_parser(), [*TINY, "--dataset_path", "data", "--batch_size", "4", "--epochs", "1",
+    args = ddpm.parse_args([*TINY, "--dataset_path", "data", "--batch_size", "4", "--epochs", "1",
                                                   "--sample_every", "0", "--num_workers", "2"])
     trainer = ddpm.Trainer(args)
     trainer.fit()
     assert not multiprocessing.active_children()
-    trainer.args.epochs, trainer.stop_signal = 2, signal.SIGTERM  # as a SIGTERM during the second epoch
+    trainer.args.epochs, trainer.stop.signal = 2, signal.SIGTERM  # as a SIGTERM during the second epoch
     with pytest.raises(SystemExit):
         trainer.fit()
     assert not multiprocessing.active_children()

@@ -65,7 +65,7 @@ def test_guidance_is_the_same_in_v_and_in_eps():
 
 @pytest.mark.parametrize("prediction", ["eps", "v"])
 def test_min_snr_loss_is_the_weighted_mse_of_the_target(in_tmp, prediction):
-    args = ddpm.parse_args(ddpm.build_parser(), [*TINY, "--limit", "8", "--batch_size", "8", "--prediction", prediction,
+    args = ddpm.parse_args([*TINY, "--limit", "8", "--batch_size", "8", "--prediction", prediction,
                                                   "--loss_weight", "min_snr", "--snr_gamma", "2"])
     trainer = ddpm.Trainer(args)
     images, labels = next(iter(trainer.loader))
@@ -121,7 +121,7 @@ def test_the_conditional_digits_recipe_uses_the_options_and_recommends_guidance_
     assert (args.cfg_scale, args.guidance_interval) == (3.5, [400, 999])
     assert ddpm_conditional.parse_args(["--noise_steps", "20"]).guidance_interval == [8, 19]  # the same noise levels
     assert ddpm_conditional.parse_args(["--guidance_interval", "0", "999"]).guidance_interval == [0, 999]
-    unconditional = ddpm.parse_args(ddpm.build_parser(), [])
+    unconditional = ddpm.parse_args([])
     assert (unconditional.prediction, unconditional.loss_weight, unconditional.epochs) == ("eps", "none", 60)
     for flags in (["--dataset", "emoji"], ["--dataset", "mnist"], ["--dataset_path", "data"]):
         other = ddpm_conditional.parse_args(flags)
@@ -164,7 +164,7 @@ def test_a_tiny_v_run_samples_as_well_as_an_eps_run(in_tmp):
     steps), so a v path that converts wrongly, or not at all, fails."""
     distances = {}
     for prediction in (None, "eps", "v"):
-        args = ddpm.parse_args(ddpm.build_parser(), [
+        args = ddpm.parse_args([
             *TINY, "--limit", "100", "--batch_size", "20", "--epochs", "40" if prediction else "1", "--lr", "3e-3",
             "--warmup", "20", "--sample_every", "0", "--log_every", "1000", "--run_name", str(prediction),
             "--prediction", prediction or "eps"])
@@ -181,7 +181,8 @@ def test_the_frontier_tool_trains_evaluates_reuses_and_reports(in_tmp):
     """tools/frontier.py in miniature: two variants, one epoch each (64 digits), real runs and evaluations."""
     from tools import frontier
 
-    readme = in_tmp / "README.md"
+    readme = in_tmp / "docs" / "training.md"  # where the README's studies live
+    readme.parent.mkdir()
     readme.write_text("<!-- frontier_tiny:start -->\n<!-- frontier_tiny:end -->\n")
     tiny = "--limit 64 --width 8 --image_size 16 --noise_steps 20 --sample_every 0 --cfg_scale 2"
     argv = ["--name", "tiny", "--epochs", "1", "--precision", "fp32", "--n", "20",
@@ -197,6 +198,7 @@ def test_the_frontier_tool_trains_evaluates_reuses_and_reports(in_tmp):
     # each run at its recommended settings: the guidance its training recorded
     assert "python -m tools.frontier --name tiny" in text and "| v | 1 | 0 | 1 |" in text
     assert [r["setting"] for r in rows] == ["dpmpp2m-15, cfg 2 at t 8..19"] * 2  # the recipe's interval, at T = 20
+    assert "--readme docs/training.md" in text and "](../assets/frontier_tiny.png)" in text
     assert (in_tmp / "assets" / "frontier_tiny.png").is_file()
     # a second call reuses every finished point: nothing is trained or evaluated again
     own_report = in_tmp / "results" / rows[1]["run"] / "eval.json"
