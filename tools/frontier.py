@@ -1,15 +1,15 @@
 """Quality against training minutes: a grid of real training runs, each evaluated at n samples.
 
     python -m tools.frontier --name digits --epochs 20 40 --variant all= \\
-        --variant original="--prediction eps --loss_weight none --ema_power 0" --readme README.md
+        --variant original="--prediction eps --loss_weight none --ema_power 0" --readme docs/training.md
 
 Every (variant, epochs, seed) is its own run of `ddpm_conditional.py` (models/frontier-...), with the
 recipe's defaults and the variant's flags, evaluated by `evaluate.py` at the run's recommended sampling
 settings, or at the settings --eval_flags gives every run (an ablation of training options at one setting;
 the report goes to results/<run>/<the flags>/, beside the run's own). A run that is already trained and
 evaluated is reused, so an interrupted grid continues where it stopped. Writes results/frontier_NAME.json,
-assets/frontier_NAME.png and, with --readme FILE, the block `frontier_NAME` of FILE (docs/training.md holds them). Run it alone on the machine:
-its minutes are wall-clock.
+assets/frontier_NAME.png and, with --readme FILE, the block `frontier_NAME` of FILE (docs/training.md holds
+them). Run it alone on the machine: its minutes are wall-clock.
 """
 import argparse
 import json
@@ -119,7 +119,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--eval_flags", default="",
                    help="more flags for evaluate.py, e.g. one sampling setting for every run (default: none, each "
                         "run at its recommended settings)")
-    p.add_argument("--readme", default=None, help="rewrite the block frontier_NAME of this markdown file (README.md or a page of docs/)")
+    p.add_argument("--readme", default=None,
+                   help="rewrite the block frontier_NAME of this markdown file (README.md or a page of docs/)")
     args = p.parse_args(argv)
     args.variant = [v.split("=", 1) if "=" in v else (v, "") for v in args.variant or ["default="]]
 
