@@ -34,8 +34,8 @@ from torch.utils.flop_counter import FlopCounterMode
 import ddpm
 import ddpm_conditional
 from modules import SelfAttention
-from utils import (HelpFormatter, UserError, add_runtime_args, autocast_dtype, cpu_has_native, pick_device,
-                   precision_name, run_main, save_json, update_readme_block)
+from utils import (HelpFormatter, UserError, add_runtime_args, autocast_dtype, cpu_has_native, cpu_supports,
+                   pick_device, precision_name, run_main, save_json, update_readme_block)
 
 
 def sync(device: torch.device) -> None:
@@ -102,7 +102,7 @@ def device_name(device: torch.device) -> str:
     model = models[0] if models else platform.processor() or "cpu"
     isa = torch.backends.cpu.get_cpu_capability() + (" + BF16" if cpu_has_native(torch.bfloat16) else "")
     # AMX: bf16 matrix units, a bf16 peak about 5x that of AVX512-BF16 alone
-    isa += " + AMX" if getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)() else ""
+    isa += " + AMX" if cpu_supports("amx_tile") else ""
     return f"{model}, {torch.get_num_threads()} threads, {isa}"
 
 

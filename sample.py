@@ -64,8 +64,9 @@ def load(path: str | Path, ema: bool = True, device: str | torch.device | None =
     diffusion_args = dict(config.get("diffusion_args", {}))
     diffusion_args.setdefault("img_size", 64)
     diffusion_args["c_in"] = arch["c_in"]
-    if (image_size or img_size) is not None:
-        diffusion_args["img_size"] = image_size or img_size
+    image_size = image_size or img_size
+    if image_size is not None:
+        diffusion_args["img_size"] = image_size
 
     device = pick_device(None if device is None else str(device))
     conditional = "num_classes" in arch

@@ -203,9 +203,14 @@ def cpu_has_native(dtype: torch.dtype) -> bool:
     Elsewhere PyTorch emulates them: on an AVX2 CPU a bf16 matmul runs at about 1 GFLOP/s
     (fp32: 130) and the default training step 17 times slower than in fp32.
     """
-    checks = {torch.bfloat16: ("_is_avx512_bf16_supported", "_is_amx_tile_supported"),
-              torch.float16: ("_is_amx_fp16_supported",)}[dtype]
-    return any(getattr(torch.cpu, check, lambda: False)() for check in checks)
+    features = {torch.bfloat16: ("avx512_bf16", "amx_tile"), torch.float16: ("amx_fp16",)}[dtype]
+    return any(cpu_supports(feature) for feature in features)
+
+
+def cpu_supports(feature: str) -> bool:
+    """torch.cpu's check for an instruction-set extension ("avx512_bf16", "amx_tile", ...); False where this
+    version of PyTorch has no such check."""
+    return getattr(torch.cpu, f"_is_{feature}_supported", lambda: False)()
 
 
 # The compute capability from which an NVIDIA GPU has tensor cores for a dtype: bf16 from Ampere

@@ -7,7 +7,7 @@ import torch
 import benchmark
 import ddpm
 from modules import UNet
-from utils import UserError, cpu_has_native
+from utils import UserError, cpu_has_native, cpu_supports
 
 TINY = ["--image_size", "8", "--width", "8", "--batch_size", "4", "--repeats", "1", "--sample_n", "2",
         "--matmul_size", "64", "--precision", "fp32"]
@@ -26,7 +26,7 @@ def test_benchmark_measures_everything_and_writes_json_and_readme(in_tmp, condit
     assert 0 < r["attention_flop_share"] < 1 and 0 < r["attention_time_share"] < 1
     assert set(r["sample_s_per_image"]) == ({"plain", "guided"} if conditional else {"plain"})
     benchmark.main(argv)  # the same configuration again replaces its row
-    amx = getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
+    amx = cpu_supports("amx_tile")
     assert r["device"].endswith(f"{torch.get_num_threads()} threads, {torch.backends.cpu.get_cpu_capability()}"
                                 + (" + BF16" if cpu_has_native(torch.bfloat16) else "") + (" + AMX" if amx else ""))
     rows = [line for line in readme.read_text().splitlines() if line.startswith(f"| {r['device']} |")]
