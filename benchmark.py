@@ -34,8 +34,8 @@ from torch.utils.flop_counter import FlopCounterMode
 import ddpm
 import ddpm_conditional
 from modules import SelfAttention
-from utils import (HelpFormatter, UserError, add_runtime_args, autocast_dtype, cpu_has_native, cpu_supports,
-                   pick_device, precision_name, run_main, save_json, update_readme_block)
+from utils import (ArgumentParser, UserError, add_runtime_args, autocast_dtype, cpu_has_native, cpu_supports,
+                   pick_device, precision_name, run_main, save_json, update_readme_block, whole)
 
 
 def sync(device: torch.device) -> None:
@@ -293,12 +293,12 @@ def update_readme(path: Path, r: dict) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="Benchmark training and sampling (the defaults: the digits default's "
-                                            "configuration, conditional).", formatter_class=HelpFormatter)
-    p.add_argument("--image_size", type=int, default=16, help="side of the square images")
-    p.add_argument("--c_in", type=int, default=1, help="image channels")
-    p.add_argument("--width", type=int, default=32, help="base channel width of the UNet")
-    p.add_argument("--batch_size", type=int, default=64, help="images per training step")
+    p = ArgumentParser("Benchmark training and sampling (the defaults: the digits default's configuration, "
+                       "conditional).")
+    p.add_argument("--image_size", type=whole(8), default=16, help="side of the square images")
+    p.add_argument("--c_in", type=int, choices=[1, 3, 4], default=1, help="image channels")
+    p.add_argument("--width", type=whole(4), default=32, help="base channel width of the UNet")
+    p.add_argument("--batch_size", type=whole(1), default=64, help="images per training step")
     p.add_argument("--unconditional", dest="conditional", action="store_false",
                    help="benchmark ddpm.py's step instead of ddpm_conditional.py's")
     add_runtime_args(p)
@@ -306,15 +306,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--original", action="store_true",
                    help="time the original's training: fp32, no input skip, attention through nn.MultiheadAttention "
                         "returning its weights")
-    p.add_argument("--noise_steps", type=int, default=1000, help="diffusion steps T")
+    p.add_argument("--noise_steps", type=whole(2), default=1000, help="diffusion steps T")
     p.add_argument("--full_chain", action="store_true",
                    help="time the original's sampler (ancestral, all T-1 steps) instead of the in-training grids'")
     p.add_argument("--sampler", choices=ddpm.SAMPLERS, default=None,
                    help=f"time this sampler at --sample_steps (default: the grids', {ddpm.DEFAULT_SAMPLER})")
-    p.add_argument("--sample_steps", type=int, default=ddpm.DEFAULT_STEPS, help="steps of --sampler")
-    p.add_argument("--repeats", type=int, default=5, help="timed training steps (median)")
-    p.add_argument("--sample_n", type=int, default=16, help="images per sampling measurement")
-    p.add_argument("--matmul_size", type=int, default=4096, help="side of the square matmuls that measure the peak")
+    p.add_argument("--sample_steps", type=whole(1), default=ddpm.DEFAULT_STEPS, help="steps of --sampler")
+    p.add_argument("--repeats", type=whole(1), default=5, help="timed training steps (median)")
+    p.add_argument("--sample_n", type=whole(1), default=16, help="images per sampling measurement")
+    p.add_argument("--matmul_size", type=whole(1), default=4096,
+                   help="side of the square matmuls that measure the peak")
     p.add_argument("--profile", action="store_true", help="print torch.profiler's top operators of the training step")
     p.add_argument("--json", default=None, help="also write the results here")
     p.add_argument("--readme", default=None, help="put the result as a row of this README's benchmark table")

@@ -4,7 +4,9 @@
     python ddpm.py --dataset_path ~/data/landscapes --image_size 64 --width 64 --batch_size 12
 """
 import argparse
+import inspect
 import math
+import numbers
 import signal
 import sys
 import time
@@ -20,11 +22,11 @@ from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 from modules import UNet
-from utils import (HelpFormatter, SeededSampler, StopRequest, UserError, add_runtime_args, autocast, autocast_dtype,
+from utils import (ArgumentParser, SeededSampler, StopRequest, UserError, add_runtime_args, autocast, autocast_dtype,
                    barrier, check_new_run, close_loader, gather, get_data, init_distributed, load_checkpoint,
                    make_grid, parse_run_args, pick_device, precision_name, resume_command, run_main,
                    save_checkpoint, save_images, save_json, seed_everything, setup_logging, square_nrow,
-                   tensor_bytes, write_error)
+                   tensor_bytes, real, whole, write_error)
 
 
 SAMPLERS = ("ddpm", "ddim", "dpmpp2m")
@@ -33,6 +35,14 @@ PREDICTIONS = ("eps", "v")  # what the network outputs: the noise (the original'
 # n = 1000 (README, Results) DPM-Solver++ at 15 evaluations scores FD 1.03 against DDIM-50's 1.48 (99.3% and
 # 99.9% the asked digit) in a third of the time; at 10, FD 1.18.
 DEFAULT_SAMPLER, DEFAULT_STEPS = "dpmpp2m", 15
+
+
+def default_sampling(input_skip: bool) -> dict:
+    """The sampler and steps for a network that has the input skip (every run of the training scripts), or not (the
+    original's network, `UNet()`): that one cannot keep a deterministic trajectory in range, and on the digits its
+    DDIM-50 drew the asked digit 16.5% of the time where the ancestral chain respaced to 50 steps drew it 97.5%
+    (docs/sampling.md)."""
+    return dict(sampler=DEFAULT_SAMPLER, steps=DEFAULT_STEPS) if input_skip else dict(sampler="ddpm", steps=50)
 
 
 class Diffusion:
@@ -163,6 +173,14 @@ class Diffusion:
         N(0, I)); `callback(t, x_t)` sees every intermediate x_t (for trajectories).
         """
         self.check_sampler(sampler, steps, eta)
+        check_count(n)
+        shape = (n, self.c_in, self.img_size, self.img_size)
+        if noise is not None and tuple(noise.shape) != shape:
+            raise ValueError(f"noise must have the shape of the n images, {shape}, got {tuple(noise.shape)}")
+        unknown = set(cond) - set(inspect.signature(self.predict_noise).parameters)
+        if unknown:
+            raise TypeError(f"sample() got {', '.join(sorted(unknown))}, which {type(self).__module__}."
+                            f"{type(self).__name__} does not take (labels and guidance: ddpm_conditional.Diffusion)")
         if sampler != "ddpm" and steps is None:
             steps = 50
         was_training = model.training
@@ -274,6 +292,12 @@ class Diffusion:
         return sigma_ratio * x - self.alpha_hat[j].sqrt() * torch.expm1(-h) * D, (x0, h)
 
 
+def check_count(n) -> None:
+    """ValueError unless n, a number of images, is a whole number of at least 1."""
+    if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1:
+        raise ValueError(f"n must be a whole number of images, at least 1, got {n!r}")
+
+
 # --------------------------------------------------------------------------- training
 
 class Trainer:
@@ -314,6 +338,7 @@ class Trainer:
         self.epoch, self.batch = 0, 0      # where the next step starts
         self.logger = None                 # TensorBoard, opened by fit() on rank 0
         self.first_bad_step = torch.full((), -1, device=self.device)
+        self.saved_step = None             # the step of the last checkpoint written
         self.stop = StopRequest(self.world_size)  # Ctrl-C / SIGTERM: finish the step, save, exit
         self.folder = Path("models") / args.run_name
         if self.is_main and not args.resume:
@@ -393,7 +418,7 @@ class Trainer:
         (sample.py, evaluate.py and the notebook use them unless told otherwise). DEFAULT_SAMPLER over
         `sample_steps` steps: seconds, not minutes. The original network (--no-input_skip) cannot keep a
         deterministic trajectory in range: it gets the ancestral chain respaced to as many steps."""
-        sampler = DEFAULT_SAMPLER if self.args.input_skip else "ddpm"
+        sampler = default_sampling(self.args.input_skip)["sampler"]
         return dict(sampler=sampler, steps=min(self.args.sample_steps, self.args.noise_steps - 1))
 
     def state_dicts(self) -> dict[str, dict]:
@@ -424,6 +449,7 @@ class Trainer:
         if state["scaler"] and self.scaler.is_enabled():  # fp16 after fp16; any other change of precision starts afresh
             self.scaler.load_state_dict(state["scaler"])
         self.step, self.epoch, self.batch = state["step"], state["epoch"], state["batch"]
+        self.saved_step = self.step
         self.train_seconds = state.get("train_seconds", 0.0)
         # the optimisation flags given now win over the saved ones; a cosine schedule spans the new --epochs
         saved_epochs = state["args"]["epochs"]
@@ -447,8 +473,16 @@ class Trainer:
             dist.all_reduce(bad, op=dist.ReduceOp.MAX)
         bad = int(bad)
         if bad >= 0:
-            raise UserError(f"the loss became non-finite at step {bad}: lower --lr or check the data; the last good "
-                            f"checkpoint in {self.folder} is kept (--resume continues from it)")
+            raise UserError(f"the loss became non-finite at step {bad}: lower --lr or check the data; "
+                            f"{self.what_is_kept()}")
+
+    def what_is_kept(self) -> str:
+        """After a failure: the last checkpoint and the command that continues from it, or that there is none."""
+        if self.saved_step is None:
+            return (f"no checkpoint was saved before it, so start again (--overwrite reuses the name "
+                    f"{self.args.run_name})")
+        return (f"the checkpoint of step {self.saved_step} in {self.folder} is kept; resume with: "
+                f"{resume_command(self.args, self.world_size)}")
 
     def save(self) -> None:
         """Write the checkpoints of the current position, each atomically; resume.pt last."""
@@ -463,8 +497,9 @@ class Trainer:
                 for name, state in files.items():
                     save_checkpoint(state, self.folder / name)
             except OSError as e:  # a full disk, a quota, a read-only folder: each file is the old or the new one
-                raise UserError(f"{write_error(e, self.folder, tensor_bytes(files))}; make room, then resume with: "
-                                f"{resume_command(self.args, self.world_size)}") from None
+                raise UserError(f"{write_error(e, self.folder, tensor_bytes(files))}; make room: "
+                                f"{self.what_is_kept()}") from None
+        self.saved_step = self.step
         barrier()
 
     def log_samples(self, epoch: int) -> None:
@@ -474,8 +509,7 @@ class Trainer:
             try:
                 save_images(images, folder / f"{epoch}{suffix}.jpg", nrow=nrow)
             except OSError as e:
-                raise UserError(f"{write_error(e, folder, images.numel())}; make room, then resume with: "
-                                f"{resume_command(self.args, self.world_size)}") from None
+                raise UserError(f"{write_error(e, folder, images.numel())}; make room: {self.what_is_kept()}") from None
             self.logger.add_image(f"samples{suffix}", make_grid(images, nrow), epoch)
 
     def grid_nrow(self, images: torch.Tensor) -> int:
@@ -605,7 +639,7 @@ def build_parser(description: str = "Train an unconditional DDPM.", run_name: st
     def recipe(key):
         return "(default: " + ", ".join(f"{name} {value[key]}" for name, value in recipes.items()) + ")"
 
-    p = argparse.ArgumentParser(description=description, formatter_class=HelpFormatter)
+    p = ArgumentParser(description)
     p.add_argument("--run_name", default=run_name, help="names the folders under models/, results/ and runs/")
     p.add_argument("--dataset", choices=DATASETS, default=None,
                    help="digits and emoji ship with pip packages (no download); mnist, fashion_mnist and cifar10 "
@@ -613,20 +647,22 @@ def build_parser(description: str = "Train an unconditional DDPM.", run_name: st
     p.add_argument("--dataset_path", default=None,
                    help="instead of --dataset, a folder of images: one sub-folder per class, or a flat folder")
     p.add_argument("--data_root", default="data", help="where torchvision datasets are downloaded and kept")
-    p.add_argument("--image_size", type=int, default=None, help=f"side of the square images, divisible by 8 {recipe('image_size')}")
-    p.add_argument("--c_in", type=int, default=None, help="image channels: 1, 3 or 4 (default: from the data)")
-    p.add_argument("--width", type=int, default=None, help=f"base channel width of the UNet {recipe('width')}")
+    p.add_argument("--image_size", type=whole(8), default=None,
+                   help=f"side of the square images, divisible by 8 {recipe('image_size')}")
+    p.add_argument("--c_in", type=int, choices=[1, 3, 4], default=None,
+                   help="image channels: 1, 3 or 4 (default: from the data)")
+    p.add_argument("--width", type=whole(4), default=None, help=f"base channel width of the UNet {recipe('width')}")
     p.add_argument("--input_skip", action=argparse.BooleanOptionalAction, default=True,
                    help="1x1 conv from x_t past the first GroupNorm, so the UNet sees the scale of x_t (DDIM needs "
                         "it); --no-input_skip trains the original's exact network")
-    p.add_argument("--epochs", type=int, default=None, help=f"passes over the data {recipe('epochs')}")
-    p.add_argument("--batch_size", type=int, default=None, help=f"images per step {recipe('batch_size')}")
-    p.add_argument("--lr", type=float, default=None, help=f"AdamW peak learning rate {recipe('lr')}")
-    p.add_argument("--warmup", type=int, default=None, help=f"linear learning-rate warm-up steps {recipe('warmup')}")
+    p.add_argument("--epochs", type=whole(1), default=None, help=f"passes over the data {recipe('epochs')}")
+    p.add_argument("--batch_size", type=whole(1), default=None, help=f"images per step {recipe('batch_size')}")
+    p.add_argument("--lr", type=real(positive=True), default=None, help=f"AdamW peak learning rate {recipe('lr')}")
+    p.add_argument("--warmup", type=whole(0), default=None, help=f"linear learning-rate warm-up steps {recipe('warmup')}")
     p.add_argument("--lr_schedule", choices=["constant", "cosine"], default=None,
                    help=f"after warm-up {recipe('lr_schedule')}")
-    p.add_argument("--weight_decay", type=float, default=0.01, help="AdamW weight decay")
-    p.add_argument("--noise_steps", type=int, default=1000,
+    p.add_argument("--weight_decay", type=real(0), default=0.01, help="AdamW weight decay")
+    p.add_argument("--noise_steps", type=whole(2), default=1000,
                    help="diffusion steps T; the linear betas scale by 1000/T (1e-4..0.02 at T = 1000, capped at "
                         "0.999), so that any T ends at the same noise level")
     p.add_argument("--schedule", choices=["linear", "cosine"], default="linear",
@@ -638,23 +674,25 @@ def build_parser(description: str = "Train an unconditional DDPM.", run_name: st
     p.add_argument("--loss_weight", choices=["none", "min_snr"], default=None,
                    help="per-timestep loss weight: none (the original's plain MSE) or min_snr, Min-SNR-gamma "
                         f"(Hang et al. 2023) {recipe('loss_weight')}")
-    p.add_argument("--snr_gamma", type=float, default=5.0, help="gamma of --loss_weight min_snr")
+    p.add_argument("--snr_gamma", type=real(positive=True), default=5.0, help="gamma of --loss_weight min_snr")
     add_runtime_args(p)
-    p.add_argument("--limit", type=int, default=None,
+    p.add_argument("--limit", type=whole(1), default=None,
                    help="use only N images, every class in proportion (smoke runs; default: all)")
-    p.add_argument("--sample_every", type=int, default=None,
+    p.add_argument("--sample_every", type=whole(0), default=None,
                    help=f"epochs between sample grids, 0 = never; the last epoch always gets one {recipe('sample_every')}")
-    p.add_argument("--n_samples", type=int, default=16, help="images in each sample grid (conditional: per class)")
-    p.add_argument("--sample_steps", type=int, default=DEFAULT_STEPS,
+    p.add_argument("--n_samples", type=whole(1), default=16, help="images in each sample grid (conditional: per class)")
+    p.add_argument("--sample_steps", type=whole(1), default=DEFAULT_STEPS,
                    help=f"{DEFAULT_SAMPLER} steps of the in-training grids")
-    p.add_argument("--log_every", type=int, default=10, help="steps between loss logs (each one syncs the device)")
-    p.add_argument("--num_workers", type=int, default=None, help="data-loading processes for a folder (default: min(4, cores))")
+    p.add_argument("--log_every", type=whole(1), default=10, help="steps between loss logs (each one syncs the device)")
+    p.add_argument("--num_workers", type=whole(0), default=None,
+                   help="data-loading processes for a folder (default: min(4, cores))")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
                    help="torch.compile the model (pays off on GPUs)")
     p.add_argument("--resume", action="store_true", help="continue models/<run_name> where its last checkpoint left it")
     p.add_argument("--overwrite", action="store_true",
                    help="start again over an existing run: deletes models/, results/ and runs/<run_name> first")
-    p.add_argument("--save_every", type=int, default=0, help="also checkpoint every N steps (0 = at epoch ends only)")
+    p.add_argument("--save_every", type=whole(0), default=0,
+                   help="also checkpoint every N steps (0 = at epoch ends only)")
     p.add_argument("--skip_bad_images", action=argparse.BooleanOptionalAction, default=False,
                    help="skip unreadable images instead of stopping")
     return p

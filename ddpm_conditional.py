@@ -6,13 +6,15 @@ The unconditional script plus labels, guidance and EMA: it imports ddpm.py and e
     python ddpm_conditional.py --dataset_path ~/data/cifar10-64/train --num_classes 10 --image_size 64
 """
 import argparse
+import math
+import numbers
 
 import torch
 import torch.nn as nn
 
 import ddpm
 from modules import EMA, UNet_conditional
-from utils import UserError, parse_run_args, run_main
+from utils import UserError, parse_run_args, real, run_main, whole
 
 
 CFG_SCALE = 3.0  # the original's guidance scale
@@ -28,9 +30,9 @@ def add_guidance_args(p: argparse.ArgumentParser, recipes: dict | None = None) -
         scale = ", ".join(f"{k} {r['cfg_scale']:g}" for k, r in recipes.items())
         interval = ", ".join(f"{k} {r['guidance_interval']}" for k, r in recipes.items()
                              if r["guidance_interval"]) + ", others every step"
-    p.add_argument("--cfg_scale", type=float, default=None,
+    p.add_argument("--cfg_scale", type=real(), default=None,
                    help=f"classifier-free guidance scale: 1 = none, <= 0 treated as 1 (default: {scale})")
-    p.add_argument("--guidance_interval", type=int, nargs=2, default=None, metavar=("LO", "HI"),
+    p.add_argument("--guidance_interval", type=whole(0), nargs=2, default=None, metavar=("LO", "HI"),
                    help=f"guide only at timesteps LO..HI, plain conditional elsewhere; 0 999 (0 to T - 1) "
                         f"guides every step (default: {interval})")
 
@@ -81,20 +83,54 @@ class Diffusion(ddpm.Diffusion):
         guided = torch.lerp(eps_uncond.float(), eps_cond.float(), cfg_scale)
         return guided if inside is None else torch.where(inside[:, None, None, None], guided, eps_cond.float())
 
-    def sample(self, model: nn.Module, n: int, labels: torch.Tensor, cfg_scale: float = 3,
+    def sample(self, model: nn.Module, n: int, labels, cfg_scale: float = 3,
                guidance_interval: tuple[int, int] | None = None, **kwargs) -> torch.Tensor:
-        """n images of the classes `labels` (n of them; -1 samples the unconditional model that label
-        dropout trained); see ddpm.Diffusion.sample for the sampler options."""
+        """n images of the classes `labels`: n class indices (a list, array or tensor; -1 samples the unconditional
+        model that label dropout trained), or one index for all n; class names too, for a model from sample.load.
+        See ddpm.Diffusion.sample for the sampler options."""
+        ddpm.check_count(n)
         check_guidance_interval(guidance_interval, self.noise_steps)
-        num_classes = getattr(model, "module", model).num_classes
-        labels = torch.as_tensor(labels, dtype=torch.long, device=next(model.parameters()).device).reshape(-1)
-        if labels.numel() != n:
-            raise ValueError(f"got {labels.numel()} labels for n={n} images: give one label per image")
-        if labels.numel() and (labels.min() < -1 or labels.max() >= num_classes):
-            raise ValueError(f"labels must be classes 0..{num_classes - 1}, or -1 for none (the unconditional "
-                             f"model), got {labels.tolist()}")
+        if isinstance(cfg_scale, bool) or not isinstance(cfg_scale, numbers.Real) or not math.isfinite(cfg_scale):
+            raise ValueError(f"cfg_scale must be a finite number, got {cfg_scale!r}")
+        labels = class_labels(labels, n, model).to(next(model.parameters()).device)
         return super().sample(model, n, labels=labels, cfg_scale=cfg_scale, guidance_interval=guidance_interval,
                               **kwargs)
+
+
+def class_labels(labels, n: int, model: nn.Module) -> torch.Tensor:
+    """`labels` as n class indices of `model` (see Diffusion.sample); ValueError for anything else."""
+    num_classes = getattr(getattr(model, "module", model), "num_classes", None)
+    if num_classes is None:
+        raise ValueError("this model takes no labels: sample it with ddpm.Diffusion")
+    if labels is None:
+        raise ValueError("a conditional model draws the classes it is given: pass labels, n class indices (or -1 "
+                         "for the unconditional model)")
+    names = getattr(model, "class_names", None) or []
+    items = [labels] if isinstance(labels, str) else labels
+    if isinstance(items, (list, tuple)) and any(isinstance(label, str) for label in items):
+        unknown = [label for label in items if isinstance(label, str) and label not in names]
+        if unknown:
+            raise ValueError(f"labels {unknown}: not class names of this model "
+                             f"({', '.join(names) if names else 'it has none: give class indices'})")
+        labels = [names.index(label) if isinstance(label, str) else label for label in items]
+    try:
+        labels = torch.as_tensor(labels)
+    except (TypeError, ValueError, RuntimeError):
+        raise ValueError(f"labels must be class indices, got {labels!r}") from None
+    if labels.dtype == torch.bool or labels.is_complex() or (labels.is_floating_point() and
+                                                              not torch.equal(labels, labels.round())):
+        raise ValueError(f"labels must be whole class indices, got {labels.tolist()}")
+    labels = labels.long()
+    if labels.dim() == 0:
+        labels = labels.expand(n)
+    if labels.dim() != 1:
+        raise ValueError(f"labels must be one class per image (1-D), got shape {tuple(labels.shape)}")
+    if labels.numel() != n:
+        raise ValueError(f"got {labels.numel()} labels for n={n} images: give one label per image")
+    if labels.numel() and (labels.min() < -1 or labels.max() >= num_classes):
+        raise ValueError(f"labels must be classes 0..{num_classes - 1}, or -1 for none (the unconditional "
+                         f"model), got {labels.tolist()}")
+    return labels
 
 
 class Trainer(ddpm.Trainer):
@@ -170,12 +206,12 @@ RECIPES["folder"].update(batch_size=14, epochs=300, sample_every=10)
 def build_parser() -> argparse.ArgumentParser:
     p = ddpm.build_parser("Train a class-conditional DDPM with classifier-free guidance.", "DDPM_conditional", RECIPES)
     p.set_defaults(n_samples=8)
-    p.add_argument("--num_classes", type=int, default=None, help="number of classes (default: from the data)")
+    p.add_argument("--num_classes", type=whole(1), default=None, help="number of classes (default: from the data)")
     add_guidance_args(p, RECIPES)  # of the sample grids, and recommended in run.json
-    p.add_argument("--label_drop", type=float, default=0.1, help="probability that a sample's label is dropped")
-    p.add_argument("--ema_beta", type=float, default=0.995, help="EMA decay per step")
-    p.add_argument("--ema_start", type=int, default=2000, help="steps during which the EMA only copies the model")
-    p.add_argument("--ema_power", type=float, default=None, metavar="GAMMA",
+    p.add_argument("--label_drop", type=real(0), default=0.1, help="probability that a sample's label is dropped")
+    p.add_argument("--ema_beta", type=real(0), default=0.995, help="EMA decay per step")
+    p.add_argument("--ema_start", type=whole(0), default=2000, help="steps during which the EMA only copies the model")
+    p.add_argument("--ema_power", type=real(0), default=None, metavar="GAMMA",
                    help="instead of --ema_beta and --ema_start, the power-function EMA (Karras et al. 2024): decay "
                         "(1 - 1/t)^(GAMMA + 1) at step t, an average whose width is a fixed fraction of the run at "
                         "any length; 6.94: a tenth (sigma_rel 0.10); 0 = off "

@@ -26,9 +26,10 @@ from tqdm import tqdm
 from ddpm import SAMPLERS
 from ddpm_conditional import check_guidance_interval
 from sample import add_sampler_args, fill_sampling, full_chain, load
-from utils import (HelpFormatter, ImageFiles, UserError, add_runtime_args, as_posix_relative, autocast, autocast_dtype,
-                   image_files, labels_of, load_checkpoint, load_dataset, run_main, save_checkpoint, save_images,
-                   save_json, seed_everything, split_held_out, to_model_range, update_readme_block)
+from utils import (ArgumentParser, ImageFiles, UserError, add_runtime_args, as_posix_relative, autocast, autocast_dtype,
+                   grid_array, labels_of, load_checkpoint, load_dataset, read_folder, readme_block, run_main,
+                   save_checkpoint, save_images, save_json, seed_everything, split_held_out, to_model_range,
+                   update_readme_block, whole, writable_folder)
 
 CFG_SWEEP = [1, 2, 3, 4, 5, 6, 7]  # 1 = unguided; a scale <= 0 is treated as 1, so 0 would repeat it
 # Every sampler at these network evaluations (one per step, a guided one included), and the original's chain.
@@ -52,10 +53,15 @@ def real_images(config: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
         x_train, x_held = (as_trained(x, size).expand(-1, channels, -1, -1) for x in (x_train, x_held))
         return x_train, y_train, x_held, y_held, classes
     root = Path(path).expanduser()
-    if not root.is_dir() or not image_files(root):
+    if not root.is_dir():
         raise UserError(f"the run's dataset folder '{root}' is not there: evaluate from where the run was trained")
+    folder, _ = read_folder(root, channels, skip_bad=True, verbose=False)
+    trained = config.get("class_names")
+    if trained is not None and folder.classes != trained:
+        raise UserError(f"the classes in '{root}' ({', '.join(folder.classes[:10])}) are not the ones the run was "
+                        f"trained on ({', '.join(trained[:10])}): restore the folder as it was")
     transform = T.Compose([T.Resize(size), T.CenterCrop(size), T.PILToTensor()])
-    data = ImageFiles(root, transform, channels)
+    data = ImageFiles(folder, transform, channels)
     images = torch.stack([data[i][0] for i in tqdm(range(len(data)), desc="loading real images", leave=False)])
     return (*split_held_out(images, labels_of(data)), data.classes)
 
@@ -283,6 +289,9 @@ def evaluate(args: argparse.Namespace) -> dict:
     if not config_path.is_file():
         raise UserError(f"'{run_dir}' has no run.json: give a run folder written by ddpm.py or ddpm_conditional.py")
     config = json.loads(config_path.read_text())
+    out_dir = writable_folder(args.out_dir or Path("results") / run_dir.name)  # before the work, not after
+    if args.readme:
+        readme_block(args.readme, args.readme_block)
     model, diffusion = load(run_dir, ema=not args.no_ema, device=args.device)
     has_labels = hasattr(model, "num_classes")
     if args.unconditional and not has_labels:
@@ -292,7 +301,7 @@ def evaluate(args: argparse.Namespace) -> dict:
     if given and not conditional:
         raise UserError(f"{', '.join(given)} guide a class-conditional model towards a class: "
                         f"{'--unconditional asks for none' if has_labels else f'{run_dir} is unconditional'}")
-    fill_sampling(args, conditional)
+    fill_sampling(args, model, conditional)
     steps = full_chain(args.steps, args.sampler, diffusion)
     try:
         check_guidance_interval(args.guidance_interval, diffusion.noise_steps)
@@ -345,8 +354,6 @@ def evaluate(args: argparse.Namespace) -> dict:
               "training": training_record(run_dir),
               "judge_accuracy_held_out": judge_accuracy, "floor": floor, "results": results,
               "inception_fid": inception_fid(args, model, diffusion, asked, cfg_scale, x_held)}
-    out_dir = Path(args.out_dir or Path("results") / run_dir.name)
-    out_dir.mkdir(parents=True, exist_ok=True)
     save_json(report, out_dir / "eval.json")
     main_grid = grids[setting_name(unique[0])]
     save_images(sorted_by_label(main_grid, conditional, model), out_dir / "eval_samples.png", nrow=10)
@@ -460,7 +467,6 @@ def plot_sweeps(report: dict, grids: dict, conditional: bool, model, out_dir: Pa
 def side_by_side(rows: list[list[tuple[str, torch.Tensor]]], model, conditional: bool, path: Path) -> None:
     """Rows of titled sample grids (one row per class in each grid)."""
     import matplotlib.pyplot as plt
-    from utils import make_grid
 
     rows = [row for row in rows if row]
     columns = max(len(row) for row in rows)
@@ -469,8 +475,7 @@ def side_by_side(rows: list[list[tuple[str, torch.Tensor]]], model, conditional:
         ax.axis("off")
     for ax_row, row in zip(axes, rows):
         for ax, (title, images) in zip(ax_row, row):
-            grid = make_grid(sorted_by_label(images, conditional, model)[:100], nrow=10).permute(1, 2, 0).numpy()
-            ax.imshow(grid)
+            ax.imshow(grid_array(sorted_by_label(images, conditional, model)[:100], nrow=10), cmap="gray")
             ax.set_title(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
@@ -552,9 +557,9 @@ def frontier(report: dict, conditional: bool) -> list[str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="Evaluate a run's samples offline.", formatter_class=HelpFormatter)
+    p = ArgumentParser("Evaluate a run's samples offline.")
     p.add_argument("--run", required=True, help="a run folder (models/<run_name>)")
-    p.add_argument("--n", type=int, default=1000, help="samples per setting")
+    p.add_argument("--n", type=whole(2), default=1000, help="samples per setting")
     add_sampler_args(p)  # of the main setting; the guidance of every setting but the cfg sweep's scales
     p.add_argument("--no_ema", action="store_true", help="score ckpt.pt even when ema_ckpt.pt exists")
     p.add_argument("--unconditional", action="store_true",
@@ -573,15 +578,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--readme_block", default="results",
                    help="the README block to rewrite, between <!-- NAME:start --> and <!-- NAME:end -->")
     add_runtime_args(p)
-    p.add_argument("--judge_epochs", type=int, default=15, help="training epochs of the judge (cached in the run)")
+    p.add_argument("--judge_epochs", type=whole(1), default=15, help="training epochs of the judge (cached in the run)")
     return p
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
-    if args.n < 2:
-        raise UserError(f"--n must be at least 2, got {args.n}")
-    evaluate(args)
+    evaluate(build_parser().parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ In a notebook:
 """
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import torch
@@ -19,18 +20,66 @@ import ddpm
 import ddpm_conditional
 from ddpm_conditional import CFG_SCALE, add_guidance_args
 from modules import UNet, UNet_conditional
-from utils import (HelpFormatter, UserError, add_runtime_args, autocast, autocast_dtype, load_checkpoint, pick_device,
-                   run_main, save_images, seed_everything, square_nrow)
+from utils import (ArgumentParser, Pickled, UserError, add_runtime_args, autocast, autocast_dtype, load_checkpoint,
+                   pick_device, real, run_main, save_images, seed_everything, square_nrow, whole, writable_folder)
+
+
+FIRST_CONV = "inc.double_conv.0.weight"  # every UNet of this project and of the original has it: where one begins
+
+
+def tensors_of(obj, prefix: str = "", out: dict | None = None) -> dict[str, torch.Tensor]:
+    """Every tensor in a loaded checkpoint by its dotted path: through dicts, and through a pickled module's
+    parameters, buffers and sub-modules, named as its state_dict would name them."""
+    out = {} if out is None else out
+    if isinstance(obj, torch.Tensor):
+        out[prefix[:-1]] = obj
+    elif isinstance(obj, dict):
+        for key, value in obj.items():
+            tensors_of(value, f"{prefix}{key}.", out)
+    elif isinstance(obj, Pickled) and isinstance(obj.state, dict):
+        transient = obj.state.get("_non_persistent_buffers_set") or set()
+        for group in ("_parameters", "_buffers"):
+            for key, value in (obj.state.get(group) or {}).items():
+                if value is not None and key not in transient:
+                    out[prefix + key] = value
+        for key, value in (obj.state.get("_modules") or {}).items():
+            tensors_of(value, f"{prefix}{key}.", out)
+    return out
+
+
+def unet_weights(obj, path: Path, ema: bool = True) -> tuple[dict[str, torch.Tensor], str]:
+    """The UNet state_dict in a checkpoint, and the prefix it was found under: at the top (a plain state_dict),
+    under `module.` (DataParallel, DistributedDataParallel) or `_orig_mod.` (torch.compile), under a key of a dict
+    ({"model": ..., "ema": ...}, resume.pt) or inside a pickled model. Of several, the EMA's (or with `ema` false,
+    the other) when that picks one."""
+    tensors = tensors_of(obj)
+    n = len(FIRST_CONV)
+    prefixes = sorted(k[:-n] for k in tensors if k.endswith(FIRST_CONV) and (len(k) == n or k[-n - 1] == "."))
+    if not prefixes:
+        top = ", ".join(map(str, list(obj)[:6])) if isinstance(obj, dict) else type(obj).__name__
+        raise UserError(f"'{path}' holds no UNet weights of this project or of the original (no key ends in "
+                        f"{FIRST_CONV}; it holds: {top})")
+    chosen = prefixes
+    if len(prefixes) > 1:
+        chosen = [p for p in prefixes if ("ema" in p.lower()) == ema]
+        if len(chosen) != 1:
+            names = ", ".join(p[:-1] or "(top)" for p in prefixes)
+            raise UserError(f"'{path}' holds {len(prefixes)} networks ({names}) and none is marked ema: save the one "
+                            f"to sample as a plain state_dict")
+    prefix = chosen[0]
+    inner = [p for p in prefixes if p != prefix and p.startswith(prefix)]  # another network inside this one's keys
+    state = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix) and not k.startswith(tuple(inner))}
+    return state, prefix
 
 
 def architecture_of(state: dict) -> dict:
     """UNet arguments read off a state_dict's shapes (for bare checkpoints without run.json)."""
     try:
-        args = dict(c_in=state["inc.double_conv.0.weight"].shape[1], c_out=state["outc.weight"].shape[0],
-                    time_dim=state["down1.emb_layer.1.weight"].shape[1], width=state["inc.double_conv.0.weight"].shape[0],
+        args = dict(c_in=state[FIRST_CONV].shape[1], c_out=state["outc.weight"].shape[0],
+                    time_dim=state["down1.emb_layer.1.weight"].shape[1], width=state[FIRST_CONV].shape[0],
                     input_skip="inc_skip.weight" in state)
-    except (KeyError, AttributeError, IndexError):
-        raise UserError("the file holds no UNet state_dict of this project (or of the original)")
+    except (KeyError, AttributeError, IndexError) as e:
+        raise UserError(f"the weights are not a UNet of this project or of the original (no {e})")
     if "label_emb.weight" in state:
         args["num_classes"] = state["label_emb.weight"].shape[0]
     return args
@@ -54,9 +103,9 @@ def load(path: str | Path, ema: bool = True, device: str | torch.device | None =
         if not found:
             raise UserError(f"'{path}' holds no ckpt.pt: give a run folder under models/ or a checkpoint file")
         path = found[0]
-    state = load_checkpoint(path)
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise UserError(f"'{path}' is not a model state_dict (optim.pt and resume files hold no weights)")
+    state, prefix = unet_weights(load_checkpoint(path, objects=True), path, ema)
+    if prefix:
+        print(f"{path}: the network under '{prefix[:-1]}'")
 
     config_file = folder / "run.json"
     config = json.loads(config_file.read_text()) if config_file.is_file() else {}
@@ -87,21 +136,23 @@ def add_sampler_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sampler", choices=ddpm.SAMPLERS, default=None,
                    help="ddim: Song et al. (eta 0: deterministic); ddpm: ancestral; dpmpp2m: DPM-Solver++(2M) "
                         f"(default: the run's, else {ddpm.DEFAULT_SAMPLER})")
-    p.add_argument("--steps", type=int, default=None,
+    p.add_argument("--steps", type=whole(0), default=None,
                    help="sampler steps = network evaluations; 0 = every step (the original's chain) "
                         f"(default: the run's, else {ddpm.DEFAULT_STEPS})")
     add_guidance_args(p)
 
 
-def recommended(path: str | Path, conditional: bool) -> dict:
+def recommended(path: str | Path, model: nn.Module, conditional: bool | None = None) -> dict:
     """The sampling settings a run recommends: run.json's "sampling" (training writes its grids' sampler, steps,
-    guidance scale and interval there), and this project's defaults for whatever it lacks. The keyword
-    arguments of `diffusion.sample` (sampler, steps; cfg_scale and guidance_interval when conditional)."""
+    guidance scale and interval there), and for whatever it lacks the defaults for this network (a bare checkpoint
+    of the original's network gets the ancestral chain, which works for it). The keyword arguments of
+    `diffusion.sample` (sampler, steps; cfg_scale and guidance_interval when `conditional`, by default when the
+    model takes labels)."""
     path = Path(path).expanduser()
     config_file = (path if path.is_dir() else path.parent) / "run.json"
     saved = json.loads(config_file.read_text()).get("sampling", {}) if config_file.is_file() else {}
-    settings = dict(sampler=ddpm.DEFAULT_SAMPLER, steps=ddpm.DEFAULT_STEPS)
-    if conditional:
+    settings = ddpm.default_sampling(getattr(model, "inc_skip", None) is not None)
+    if hasattr(model, "num_classes") if conditional is None else conditional:
         settings.update(cfg_scale=CFG_SCALE, guidance_interval=None)
     settings.update({k: v for k, v in saved.items() if k in settings})
     if settings.get("guidance_interval") is not None:
@@ -109,11 +160,16 @@ def recommended(path: str | Path, conditional: bool) -> dict:
     return settings
 
 
-def fill_sampling(args: argparse.Namespace, conditional: bool) -> None:
-    """Set each sampling flag not given on the command line to the run's recommendation."""
-    for key, value in recommended(args.run, conditional).items():
+def fill_sampling(args: argparse.Namespace, model: nn.Module, conditional: bool) -> None:
+    """Set each sampling flag not given on the command line to the run's recommendation; warn when a deterministic
+    sampler is asked of the original's network."""
+    for key, value in recommended(args.run, model, conditional).items():
         if getattr(args, key) is None:
             setattr(args, key, value)
+    if args.sampler != "ddpm" and model.inc_skip is None:
+        print(f"warning: {args.run} is the original's network (no input skip), on which deterministic samplers drift "
+              f"(DDIM-50 drew the asked digit 16.5% of the time, docs/sampling.md): --sampler ddpm works",
+              file=sys.stderr)
 
 
 def class_indices(labels: list[str], model: nn.Module) -> list[int]:
@@ -139,19 +195,19 @@ def full_chain(steps: int, sampler: str, diffusion: ddpm.Diffusion) -> int | Non
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description="Sample images from a trained run.", formatter_class=HelpFormatter)
+    p = ArgumentParser("Sample images from a trained run.")
     p.add_argument("--run", required=True, help="a run folder (models/<run_name>) or a checkpoint file")
     p.add_argument("--labels", nargs="*", default=None,
                    help="conditional runs: one grid row per class, given by index or by name (a folder's sub-folder "
                         "names), -1 for the unconditional model (default: every class)")
-    p.add_argument("--n", type=int, default=None,
+    p.add_argument("--n", type=whole(1), default=None,
                    help="images in all, as in sample(model, n): a conditional run's are split evenly over --labels, "
                         "a grid row each (default: 8 per label; unconditional: 8)")
     add_sampler_args(p)
-    p.add_argument("--eta", type=float, default=None,
+    p.add_argument("--eta", type=real(0), default=None,
                    help="DDIM noise, in [0, 1]: 0 deterministic, 1 like DDPM (default: 0)")
     p.add_argument("--no_ema", action="store_true", help="use ckpt.pt even when ema_ckpt.pt exists")
-    p.add_argument("--image_size", "--img_size", type=int, default=None,
+    p.add_argument("--image_size", "--img_size", type=whole(8), default=None,
                    help="image size of a bare checkpoint without run.json (default: 64, the original's)")
     add_runtime_args(p)
     p.add_argument("--out", default="samples.png", help="the grid image")
@@ -160,12 +216,15 @@ def main(argv: list[str] | None = None) -> None:
     if args.n is not None and args.n < 1:
         raise UserError(f"--n must be at least 1, got {args.n}")
 
+    writable_folder(Path(args.out).parent)  # before sampling, not after
+    if args.out_dir:
+        writable_folder(args.out_dir)
     model, diffusion = load(args.run, ema=not args.no_ema, device=args.device, image_size=args.image_size)
     conditional = isinstance(model, UNet_conditional)
     given = [f"--{k}" for k in ("labels", "cfg_scale", "guidance_interval") if getattr(args, k) is not None]
     if given and not conditional:
         raise UserError(f"{args.run} is an unconditional run: {', '.join(given)} need a class-conditional one")
-    fill_sampling(args, conditional)
+    fill_sampling(args, model, conditional)
     if args.eta is not None and args.sampler != "ddim":
         raise UserError("--eta is the ddim sampler's noise: drop it, or use --sampler ddim")
     device = next(model.parameters()).device
@@ -193,11 +252,9 @@ def main(argv: list[str] | None = None) -> None:
     save_images(images, args.out, nrow=nrow)
     print(f"wrote {args.out}")
     if args.out_dir:
-        out_dir = Path(args.out_dir)
-        out_dir.mkdir(parents=True, exist_ok=True)
         for k, image in enumerate(images):
-            save_images(image[None], out_dir / f"{k:05d}.png", nrow=1, upscale=False)  # native size
-        print(f"wrote {len(images)} images to {out_dir}")
+            save_images(image[None], Path(args.out_dir) / f"{k:05d}.png", nrow=1, upscale=False)  # native size
+        print(f"wrote {len(images)} images to {args.out_dir}")
 
 
 if __name__ == "__main__":

@@ -5,11 +5,15 @@ import json
 import math
 import os
 import random
+import re
 import shutil
 import signal
 import sys
 import tempfile
 import time
+import zipfile
+from collections import Counter, defaultdict
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -17,10 +21,12 @@ import torch
 import torch.distributed as dist
 import torchvision
 import torchvision.transforms as T
-from PIL import Image
+from PIL import Image, ImageOps
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset, TensorDataset
+from tqdm import tqdm
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm",
+                    ".pbm", ".pnm", ".tga")
 CHANNEL_MODES = {1: "L", 3: "RGB", 4: "RGBA"}
 
 
@@ -55,11 +61,51 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with the project's --help, whose errors are one line naming the flag (a UserError), not a usage."""
+
+    def __init__(self, description: str):
+        super().__init__(description=description, formatter_class=HelpFormatter)
+
+    def error(self, message: str):
+        raise UserError(re.sub(r"^argument ([^:/ ]+)\S*: ", r"\1 ", message))
+
+
+def whole(minimum: int | None = None):
+    """An argparse type: a whole number, at least `minimum`."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be a whole number, got '{text}'")
+        if minimum is not None and value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        return value
+    return parse
+
+
+def real(minimum: float | None = None, positive: bool = False):
+    """An argparse type: a finite number, at least `minimum`, or with `positive` above 0."""
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be a number, got '{text}'")
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
+        if positive and value <= 0:
+            raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+        if minimum is not None and value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum:g}, got {text}")
+        return value
+    return parse
+
+
 def add_runtime_args(p: argparse.ArgumentParser) -> None:
     """--device, --precision and --seed, as every script takes them."""
     p.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps")
     p.add_argument("--precision", choices=["auto", *PRECISIONS], default="auto", help=PRECISION_HELP)
-    p.add_argument("--seed", type=int, default=0, help="random seed: the same seed gives the same results")
+    p.add_argument("--seed", type=whole(), default=0, help="random seed: the same seed gives the same results")
 
 
 # --------------------------------------------------------------------------- command line, resuming
@@ -81,21 +127,10 @@ def parse_run_args(parser: argparse.ArgumentParser, argv: list[str] | None, reci
     for key, value in recipes[args.dataset or "folder"].items():
         if getattr(args, key) is None and not (args.resume and key in original_options):  # a resumed run's None stays
             setattr(args, key, value(args) if callable(value) else value)
-    if args.image_size < 8 or args.image_size % 8:
+    if args.image_size % 8:
         raise UserError(f"--image_size {args.image_size} must be a positive multiple of 8 (the UNet halves it 3 times)")
-    for name in ("batch_size", "epochs", "width", "noise_steps", "sample_steps", "limit"):
-        if getattr(args, name) is not None and getattr(args, name) < 1:
-            raise UserError(f"--{name} must be at least 1, got {getattr(args, name)}")
     if args.width % 4:
         raise UserError(f"--width {args.width} must be a multiple of 4 (4 attention heads)")
-    if args.noise_steps < 2:
-        raise UserError("--noise_steps must be at least 2")
-    if args.snr_gamma <= 0:
-        raise UserError(f"--snr_gamma must be positive, got {args.snr_gamma:g}")
-    if args.lr <= 0:
-        raise UserError(f"--lr must be positive, got {args.lr}")
-    if args.c_in is not None and args.c_in not in (1, 3, 4):
-        raise UserError(f"--c_in {args.c_in} is not supported: use 1 (grayscale), 3 (RGB) or 4 (RGBA)")
     args.command = " ".join(sys.argv) if argv is None else " ".join(["ddpm.py", *argv])
     return args
 
@@ -387,8 +422,7 @@ def load_torchvision(name: str, root: Path) -> tuple[torch.Tensor, torch.Tensor,
     try:
         parts = [cls(str(root), train=train, download=True) for train in (True, False)]
     except Exception as e:  # offline, a proxy, a truncated archive: the same way out
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"could not get {name} into '{root}' ({reason}): put {archive} in '{root / where}' by "
+        raise UserError(f"could not get {name} into '{root}' ({first_line(e)}): put {archive} in '{root / where}' by "
                         f"hand, or train on a folder of images with --dataset_path") from None
     out = []
     for part in parts:
@@ -406,55 +440,228 @@ def to_model_range(images: torch.Tensor, image_size: int) -> torch.Tensor:
     return x.clamp(-1, 1)
 
 
-def image_files(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+# What unpacking, copying and browsing leave beside images: never data. Hidden names (".DS_Store", "._x.png"
+# AppleDouble files, ".ipynb_checkpoints") are left out too.
+SYSTEM_NAMES = {"__macosx", "thumbs.db", "desktop.ini", "ehthumbs.db", "__pycache__"}
+# Folder names that mean a split of a dataset, not a class of it
+SPLIT_NAMES = {"train", "training", "test", "testing", "val", "valid", "validation"}
 
 
-def unreadable_images(files: list[Path]) -> list[Path]:
-    """The files that do not open as images (headers checked: fast)."""
-    bad = []
-    for f in files:
-        try:
-            with Image.open(f) as im:
-                im.verify()
-        except Exception:
-            bad.append(f)
-    return bad
+def is_hidden(name: str) -> bool:
+    return name.startswith(".") or name.lower() in SYSTEM_NAMES
 
 
-def channels_of(file: Path) -> int:
-    with Image.open(file) as im:
-        mode = im.mode
-    if mode in ("1", "L", "I", "I;16", "F"):
-        return 1
-    return 4 if mode in ("RGBA", "LA", "PA") else 3
+@dataclass
+class ScannedFolder:
+    """What a dataset folder holds: its classes, its images with their labels, and what was left out and why."""
+    root: Path
+    classes: list[str]
+    samples: list[tuple[Path, int]]
+    ignored: dict[str, list[Path]]  # why -> paths
+    nested: list[Path]              # folders inside a class folder: their images belong to that class
+
+
+def walk(root: Path) -> tuple[list[Path], dict[str, list[Path]]]:
+    """Every image file under `root`, sorted, following symbolic links (each real folder read once); and the
+    entries left out, by reason."""
+    images, ignored, seen = [], defaultdict(list), set()
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        here = Path(dirpath)
+        real = os.path.realpath(here)
+        if real in seen:  # a link to a folder already read (a loop, or the same images twice)
+            ignored["link(s) to a folder already read"].append(here)
+            dirnames.clear()
+            continue
+        seen.add(real)
+        ignored["hidden or system entries"] += [here / d for d in dirnames if is_hidden(d)]
+        dirnames[:] = sorted(d for d in dirnames if not is_hidden(d))
+        for name in sorted(filenames):
+            path = here / name
+            if is_hidden(name):
+                ignored["hidden or system entries"].append(path)
+            elif not path.exists():
+                ignored["broken link(s)"].append(path)
+            elif path.suffix.lower() in IMAGE_EXTENSIONS:
+                images.append(path)
+            else:
+                ignored["file(s) that are not images"].append(path)
+    return sorted(images), ignored
+
+
+def scan_folder(root: Path) -> ScannedFolder:
+    """A dataset folder's classes and images, as torchvision's ImageFolder reads them (one sub-folder per class,
+    nested folders part of their class), or a flat folder of images (one class, named after the folder).
+
+    Never a silent change of the class list: hidden and system files, non-images and broken links are left out
+    and listed in `ignored`; images beside class folders too, unless they outnumber the classes' images, which is
+    refused, as are folders named like a dataset's splits (train/, val/) and empty folders.
+    """
+    images, ignored = walk(root)
+    rel = [p.relative_to(root) for p in images]
+    loose = [p for p, r in zip(images, rel) if len(r.parts) == 1]
+    classes = sorted({r.parts[0] for r in rel if len(r.parts) > 1})
+    folders = sorted(d.name for d in root.iterdir() if d.is_dir() and not is_hidden(d.name))
+    ignored["empty folder(s)"] += [root / d for d in folders if d not in classes]
+    ignored = {why: paths for why, paths in ignored.items() if paths}
+    if not classes:
+        return ScannedFolder(root, [root.name], [(p, 0) for p in loose], ignored, [])
+    splits = [c for c in classes if c.lower() in SPLIT_NAMES]
+    if splits:
+        raise UserError(f"'{root}' holds the dataset splits {', '.join(splits)}, not classes: give one split, "
+                        f"e.g. --dataset_path {root / splits[0]}")
+    in_classes = len(images) - len(loose)
+    if len(loose) >= in_classes:
+        raise UserError(f"'{root}' holds {len(loose)} images at its top and {in_classes} in the class folder(s) "
+                        f"{', '.join(classes[:5])}: for one class move the folders out, for classes move the "
+                        f"images into them")
+    if loose:
+        ignored["image(s) beside the class folders, in no class"] = loose
+    index = {c: k for k, c in enumerate(classes)}
+    samples = [(p, index[r.parts[0]]) for p, r in zip(images, rel) if len(r.parts) > 1]
+    nested = sorted({root / Path(*r.parts[:-1]) for r in rel if len(r.parts) > 2})
+    return ScannedFolder(root, classes, samples, ignored, nested)
+
+
+@dataclass
+class ImageInfo:
+    mode: str      # PIL's mode on opening
+    colour: bool   # not gray (a palette of grays is gray)
+    alpha: bool    # some pixel is transparent
+    frames: int
+
+
+def inspect_image(path: Path) -> ImageInfo | str:
+    """The image's mode, colour, transparency and frames from its header (transparency and a palette's colour
+    from its pixels), or why it cannot be read."""
+    try:
+        with Image.open(path) as im:
+            mode, frames = im.mode, getattr(im, "n_frames", 1)
+            colour = not (mode in ("1", "L", "LA", "La", "F") or mode.startswith("I"))
+            if mode in ("P", "PA"):  # decoded here: a full check
+                palette = np.array(im.getpalette("RGB") or [0, 0, 0], np.uint8).reshape(-1, 3)
+                colour = bool((palette != palette[:, :1]).any())
+            alpha = "transparency" in im.info
+            if mode in ("LA", "La", "PA", "RGBA", "RGBa"):  # an alpha channel: is any pixel transparent?
+                alpha = im.getchannel("A").getextrema()[0] < 255  # decoded too
+            elif mode != "P":
+                im.verify()  # the headers and, for PNG, the checksums
+            return ImageInfo(mode, colour, alpha, frames)
+    except Exception as e:
+        return first_line(e)
+
+
+def open_image(path: Path, mode: str, size: int | None = None) -> Image.Image:
+    """An image file in `mode` ("L", "RGB" or "RGBA"): the first frame of an animation, its EXIF orientation
+    applied, a high bit depth scaled by its own range (PIL's convert clips 16-bit values at 255), transparency
+    composited on white unless `mode` keeps it, colour to gray as ITU-R 601 luma. `size`: a JPEG may be decoded
+    at a reduced scale whose sides stay at least `size` (fast for large photographs)."""
+    with Image.open(path) as im:
+        if size and im.format == "JPEG":
+            im.draft(im.mode, (size, size))
+        im = ImageOps.exif_transpose(im)
+    if im.mode == "F" or im.mode.startswith("I"):
+        im = to_8bit(im)
+    if mode != "RGBA" and (im.mode in ("LA", "La", "PA", "RGBA", "RGBa") or "transparency" in im.info):
+        im = Image.alpha_composite(Image.new("RGBA", im.size, (255, 255, 255, 255)), im.convert("RGBA"))
+    if mode == "L" and im.mode not in ("1", "L", "RGB"):
+        im = im.convert("RGB")  # LAB, HSV, CMYK, YCbCr, P: to gray through RGB
+    return im.convert(mode)
+
+
+def to_8bit(im: Image.Image) -> Image.Image:
+    """A 16-bit, 32-bit or float gray image as 8-bit "L", scaled not clipped: 16-bit by 65535, 32-bit integers
+    by 65535 when their values fit 16 bits, floats as [0, 1] when they lie there; otherwise by the image's range."""
+    a = np.asarray(im, dtype=np.float64)
+    lo, hi = (0.0, 1.0) if im.mode == "F" else (0.0, 65535.0)
+    if a.size and (a.min() < lo or a.max() > hi):
+        lo, hi = float(a.min()), float(a.max())
+    return Image.fromarray(np.round(255 * (a - lo) / max(hi - lo, 1e-12)).clip(0, 255).astype(np.uint8), "L")
+
+
+def folder_channels(infos: list[ImageInfo]) -> int:
+    """A folder's channels: RGBA when every image has transparency, else RGB when any is in colour, else gray.
+    (Gray in RGB loses nothing; colour in gray would.)"""
+    if all(i.alpha for i in infos):
+        return 4
+    return 3 if any(i.colour for i in infos) else 1
+
+
+def describe_conversion(infos: list[ImageInfo], channels: int) -> str:
+    """One line: the images' modes, and what loading converts to `channels`."""
+    mode = CHANNEL_MODES[channels]
+    counts = Counter(i.mode for i in infos)
+    line = f"{channels} channel(s) ({mode}); modes: " + ", ".join(f"{m} {n}" for m, n in counts.most_common())
+    notes = []
+    if channels == 1 and (n := sum(i.colour for i in infos)):
+        notes.append(f"{n} colour image(s) to gray")
+    if channels != 4 and (n := sum(i.alpha for i in infos)):
+        notes.append(f"{n} with transparency composited on white")
+    if n := sum(i.mode == "F" or i.mode.startswith("I") for i in infos):
+        notes.append(f"{n} of 16/32 bits or float scaled to 8 bits")
+    if n := sum(i.frames > 1 for i in infos):
+        notes.append(f"{n} animated: the first frame")
+    if channels > 1 and (n := sum(not i.colour for i in infos)):
+        notes.append(f"{n} gray image(s) to {mode}")
+    return line + ("; converted: " + ", ".join(notes) if notes else "")
+
+
+def listing(paths: list[Path], root: Path, shown: int = 5) -> str:
+    names = [as_posix_relative(p, root) for p in paths[:shown]]
+    return ", ".join(names) + (f" and {len(paths) - shown} more" if len(paths) > shown else "")
 
 
 class ImageFiles(Dataset):
-    """Images of a folder with their class labels: one sub-folder per class, or a flat folder (class 0)."""
+    """A scanned folder's images with their class labels, each opened as `channels` channels."""
 
-    def __init__(self, root: Path, transform, channels: int, exclude: frozenset = frozenset()):
-        class_dirs = sorted(d for d in root.iterdir() if d.is_dir() and image_files(d))
-        loose = [p for p in root.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()]
-        if class_dirs and not loose:
-            self.classes = [d.name for d in class_dirs]
-            self.samples = [(f, c) for c, d in enumerate(class_dirs) for f in image_files(d) if f not in exclude]
-        else:  # a flat folder (sub-folders, if any, are taken as more images of the one class)
-            self.classes = [root.name]
-            self.samples = [(f, 0) for f in image_files(root) if f not in exclude]
-        self.transform, self.mode = transform, CHANNEL_MODES[channels]
+    def __init__(self, folder: ScannedFolder, transform, channels: int, size: int | None = None):
+        self.classes, self.samples = folder.classes, folder.samples
+        self.transform, self.mode, self.size = transform, CHANNEL_MODES[channels], size
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def __getitem__(self, i: int):
         path, label = self.samples[i]
-        with Image.open(path) as im:
-            return self.transform(im.convert(self.mode)), label
+        return self.transform(open_image(path, self.mode, self.size)), label
+
+
+def read_folder(path: str | Path, c_in: int | None = None, skip_bad: bool = False, verbose: bool = True
+                ) -> tuple[ScannedFolder, int]:
+    """Scan a dataset folder and check its images: (the folder, its channels: `c_in`, else from the images).
+    Prints what it found, converts and ignores (with `verbose`); raises UserError on what cannot be trained."""
+    root = Path(path).expanduser()
+    if not root.is_dir():
+        raise UserError(f"dataset folder '{root}' does not exist: give --dataset_path a folder of images")
+    folder = scan_folder(root)
+    if not folder.samples:
+        raise UserError(f"dataset folder '{root}' holds no images ({', '.join(IMAGE_EXTENSIONS)})")
+    infos = {p: inspect_image(p) for p, _ in tqdm(folder.samples, desc="reading the images' headers", leave=False,
+                                                  disable=len(folder.samples) < 2000 or not verbose)}
+    bad = sorted(p for p, info in infos.items() if isinstance(info, str))
+    if bad and not skip_bad:
+        raise UserError(f"{len(bad)} unreadable image(s): {listing(bad, root, 10)} ({infos[bad[0]]}). Remove or "
+                        f"fix them, or pass --skip_bad_images")
+    if len(bad) == len(infos):
+        raise UserError(f"every image in '{root}' is unreadable")
+    if bad:
+        if verbose:
+            print(f"skipping {len(bad)} unreadable image(s) of {len(infos)}: {listing(bad, root)}")
+        folder.samples = [(p, c) for p, c in folder.samples if isinstance(infos[p], ImageInfo)]
+    good = [infos[p] for p, _ in folder.samples]
+    channels = c_in or folder_channels(good)
+    if verbose:
+        print(f"{root}: {describe_conversion(good, channels)}")
+        if folder.nested:
+            print(f"{root}: images in nested folders belong to their class folder: {listing(folder.nested, root)}")
+        for why, paths in folder.ignored.items():
+            print(f"{root}: ignored {len(paths)} {why}: {listing(paths, root)}")
+    return folder, channels
 
 
 def labels_of(dataset: Dataset) -> torch.Tensor:
     """The class label of every item, read without loading the images."""
+    if isinstance(dataset, Subset):
+        return labels_of(dataset.dataset)[dataset.indices]
     if isinstance(dataset, TensorDataset):
         return dataset.tensors[1]
     return torch.tensor([label for _, label in dataset.samples])
@@ -525,36 +732,26 @@ def get_data(args) -> DataLoader:
             print(f"warning: --num_workers is ignored for {args.dataset} (in memory, no loading to parallelise)",
                   file=sys.stderr)
     else:
-        root = Path(args.dataset_path).expanduser()
-        if not root.is_dir():
-            raise UserError(f"dataset folder '{root}' does not exist: give --dataset_path a folder of images")
-        files = image_files(root)
-        if not files:
-            raise UserError(f"dataset folder '{root}' holds no images ({', '.join(IMAGE_EXTENSIONS)})")
-        bad = frozenset(unreadable_images(files))
-        if bad and not getattr(args, "skip_bad_images", False):
-            shown = ", ".join(map(str, sorted(bad)[:10])) + (f" and {len(bad) - 10} more" if len(bad) > 10 else "")
-            raise UserError(f"{len(bad)} unreadable image(s): {shown}. Remove or fix them, or pass --skip_bad_images")
-        if bad:
-            print(f"skipping {len(bad)} unreadable image(s) of {len(files)}")
-            if len(bad) == len(files):
-                raise UserError(f"every image in '{root}' is unreadable")
-        c = args.c_in or channels_of(next(f for f in files if f not in bad))
-        if c not in CHANNEL_MODES:
-            raise UserError(f"--c_in {c} is not supported: use 1 (grayscale), 3 (RGB) or 4 (RGBA)")
+        main_process = not dist.is_initialized() or dist.get_rank() == 0
+        folder, c = read_folder(args.dataset_path, args.c_in, getattr(args, "skip_bad_images", False), main_process)
         transform = T.Compose([
             T.Resize(int(args.image_size * 1.25)),
             T.RandomResizedCrop(args.image_size, scale=(0.8, 1.0)),
             T.ToTensor(),
             T.Normalize([0.5] * c, [0.5] * c),
         ])
-        dataset = ImageFiles(root, transform, c, exclude=bad)
+        dataset = ImageFiles(folder, transform, c, size=int(args.image_size * 1.25))
         classes = dataset.classes
         workers = args.num_workers if args.num_workers is not None else min(4, os.cpu_count() or 1)
         random_crops = True
     if args.limit:
         dataset = Subset(dataset, stratified(labels_of(dataset), args.limit))
     args.c_in, args.num_classes_found, args.class_names = c, len(classes), classes
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        counts = torch.bincount(labels_of(dataset), minlength=len(classes)).tolist()
+        print(f"{args.dataset_path or args.dataset}: {len(dataset)} images in {len(classes)} class(es): "
+              + ", ".join(f"{name} {n}" for name, n in zip(classes[:30], counts))
+              + (f" and {len(classes) - 30} more" if len(classes) > 30 else ""))
     on_cuda = str(args.device).startswith("cuda")
     # Under torchrun each process takes its own share of every epoch; --batch_size is per process.
     rank, world_size = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
@@ -617,12 +814,19 @@ def setup_logging(run_name: str, overwrite: bool = False) -> None:
         folder = Path(top) / run_name
         if overwrite and folder.is_dir():
             shutil.rmtree(folder)
-        try:
-            folder.mkdir(parents=True, exist_ok=True)
-            with tempfile.TemporaryFile(dir=folder):
-                pass
-        except OSError as e:
-            raise UserError(f"cannot write to '{folder}' ({e.strerror}): run from a writable folder")
+        writable_folder(folder, "run from a writable folder")
+
+
+def writable_folder(folder: str | Path, fix: str = "give another place") -> Path:
+    """Create `folder` and its parents, and check that a file can be written there: before the work, not after."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as e:
+        raise UserError(f"cannot write to '{folder}' ({e.strerror}): {fix}")
+    return folder
 
 
 def atomic_write(path: str | Path, write) -> None:
@@ -631,6 +835,7 @@ def atomic_write(path: str | Path, write) -> None:
     `write(f)` writes to a temporary file in the same folder; it is flushed, fsynced and renamed.
     """
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
@@ -672,15 +877,22 @@ def save_json(obj, path: str | Path) -> None:
     atomic_write(path, lambda f: f.write((json.dumps(obj, indent=2) + "\n").encode()))
 
 
-def update_readme_block(path: str | Path, name: str, new_body) -> None:
-    """Rewrite the text between `<!-- name:start -->` and `<!-- name:end -->` as new_body(old_body), atomically."""
+def readme_block(path: str | Path, name: str) -> tuple[str, str, str, str, str]:
+    """A markdown file split around its `<!-- name:start -->` ... `<!-- name:end -->` block: (head, start marker,
+    body, end marker, tail); a UserError when there is no such block."""
     path = Path(path)
     start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
-    text = path.read_text()
+    text = path.read_text() if path.is_file() else ""
     if start not in text or end not in text:
         raise UserError(f"{path} has no '{start}' ... '{end}' block to fill")
     head, rest = text.split(start, 1)
     body, tail = rest.split(end, 1)
+    return head, start, body, end, tail
+
+
+def update_readme_block(path: str | Path, name: str, new_body) -> None:
+    """Rewrite the text between `<!-- name:start -->` and `<!-- name:end -->` as new_body(old_body), atomically."""
+    head, start, body, end, tail = readme_block(path, name)
     atomic_write(path, lambda f: f.write(f"{head}{start}\n{new_body(body)}\n{end}{tail}".encode()))
     print(f"updated {path}")
 
@@ -690,16 +902,50 @@ def as_posix_relative(path: str | Path, start: str | Path = ".") -> str:
     return Path(os.path.relpath(path, start)).as_posix()
 
 
-def load_checkpoint(path: str | Path, map_location="cpu"):
-    """torch.load with weights_only=True: a checkpoint can hold tensors and plain data, never code."""
+class Pickled:
+    """Stands in for every class a checkpoint names (a model saved whole, `torch.save(model)`): it keeps the state
+    unpickling hands it and runs nothing, so the weights can be read without executing code from the file."""
+
+    def __init__(self, *args, **kwargs):
+        self.state = None
+
+    def __setstate__(self, state):
+        self.state = state
+
+
+def load_checkpoint(path: str | Path, map_location="cpu", objects: bool = False):
+    """torch.load with weights_only=True: a checkpoint can hold tensors and plain data, never code. With `objects`,
+    the classes a file names (a pickled model) are read as inert `Pickled` stand-ins, their code never run."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"checkpoint '{path}' does not exist")
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"'{path}' is not a readable checkpoint ({reason})")
+        error = e
+    if not zipfile.is_zipfile(path):
+        raise UserError(f"'{path}' is not a checkpoint in torch.save's format (a zip archive)")
+    # A file that names classes or functions: torch's advice, to load it unsafely, is never the way here.
+    names = []
+    if "weights only" in str(error).lower():
+        names = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+    if not names:
+        raise UserError(f"'{path}' is not a readable checkpoint ({first_line(error)})")
+    if not objects:
+        raise UserError(f"'{path}' holds Python objects ({', '.join(names[:3])}), not only tensors: this project "
+                        f"reads weights only")
+    stand_ins = [(type(name.rsplit(".", 1)[-1], (Pickled,), {}), name) for name in names]
+    try:
+        with torch.serialization.safe_globals(stand_ins):
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception:
+        raise UserError(f"'{path}' is not a readable checkpoint: it holds Python objects ({', '.join(names[:3])}) "
+                        f"that cannot be read without running their code; save the model's state_dict() instead")
+
+
+def first_line(e: BaseException) -> str:
+    """An exception's first line, or its type when it has no message."""
+    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
 
 
 def square_nrow(n: int) -> int:
@@ -707,22 +953,38 @@ def square_nrow(n: int) -> int:
     return max(1, round(math.sqrt(n)))
 
 
-def make_grid(images: torch.Tensor, nrow: int = 8) -> torch.Tensor:
-    """uint8 (N, C, H, W) -> one uint8 (3 or 4, H', W') image with 2-pixel gaps."""
-    return torchvision.utils.make_grid(images.cpu(), nrow=nrow, padding=2)
+def make_grid(images: torch.Tensor, nrow: int = 8, padding: int = 2) -> torch.Tensor:
+    """uint8 (N, C, H, W) -> one uint8 (C, H', W') image, `nrow` images a row, `padding` black pixels between and
+    around them (one image alone: itself). The channels stay as they are: a grayscale grid is one channel."""
+    images = images.cpu()
+    n, c, h, w = images.shape
+    if n == 1:
+        return images[0]
+    cols = min(nrow, n)
+    rows = math.ceil(n / cols)
+    grid = images.new_zeros(c, rows * (h + padding) + padding, cols * (w + padding) + padding)
+    for k, image in enumerate(images):
+        top, left = padding + k // cols * (h + padding), padding + k % cols * (w + padding)
+        grid[:, top:top + h, left:left + w] = image
+    return grid
+
+
+def grid_array(images: torch.Tensor, nrow: int = 8, side: int | None = None) -> np.ndarray:
+    """The grid as an array for PIL and imshow, (H, W) for one channel, else (H, W, C); with `side`, enlarged by a
+    whole factor (nearest neighbour: every pixel stays a sharp square) towards `side` pixels on its longer side."""
+    grid = make_grid(images, nrow)
+    factor = max(1, round(side / max(grid.shape[-2:]))) if side else 1
+    grid = grid.repeat_interleave(factor, 1).repeat_interleave(factor, 2).permute(1, 2, 0).numpy()
+    return grid[..., 0] if grid.shape[-1] == 1 else grid
 
 
 GRID_SIDE = 512  # pixels the longer side of a grid of small images is enlarged towards, so a person can see it
 
 
 def save_images(images: torch.Tensor, path: str | Path, nrow: int = 8, upscale: bool = True) -> None:
-    """Save uint8 images (N, C, H, W) as one grid image, `nrow` images per row. With `upscale` a small
-    grid is enlarged by a whole factor (nearest neighbour: every pixel stays a sharp square) towards
-    GRID_SIDE; 8 x 8 digits of 16x16 become 4x."""
-    grid = make_grid(images, nrow)
-    factor = max(1, round(GRID_SIDE / max(grid.shape[-2:]))) if upscale else 1
-    array = grid.repeat_interleave(factor, 1).repeat_interleave(factor, 2).permute(1, 2, 0).numpy()
-    array = array[..., 0] if array.shape[-1] == 1 else array  # a single grayscale image
+    """Save uint8 images (N, C, H, W) as one grid image, `nrow` images per row, in their own channels (one: a
+    grayscale file). With `upscale` a small grid is enlarged towards GRID_SIDE: 8 x 8 digits of 16x16 become 4x."""
+    array = grid_array(images, nrow, GRID_SIDE if upscale else None)
     fmt = Image.registered_extensions().get(Path(path).suffix.lower(), "PNG")
     if fmt == "JPEG" and array.ndim == 3 and array.shape[-1] == 4:
         array = array[..., :3]  # JPEG has no alpha channel
@@ -733,8 +995,8 @@ def plot_images(images: torch.Tensor, nrow: int = 8):
     """Show uint8 images as one grid with matplotlib (for notebooks); returns the figure."""
     import matplotlib.pyplot as plt
 
-    grid = make_grid(images, nrow).permute(1, 2, 0).numpy()
+    grid = grid_array(images, nrow)
     fig = plt.figure(figsize=(min(16, grid.shape[1] / 32), min(16, grid.shape[0] / 32)))
-    plt.imshow(grid[..., 0] if grid.shape[-1] == 1 else grid, cmap="gray")
+    plt.imshow(grid, cmap="gray")
     plt.axis("off")
     return fig

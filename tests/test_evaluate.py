@@ -143,8 +143,10 @@ def test_evaluate_end_to_end_writes_report_plots_and_readme(in_tmp, monkeypatch)
     assert 0 <= unguided["results"][0]["class_entropy"] <= 1 and "accuracy" not in unguided["results"][0]
     with pytest.raises(UserError, match="--unconditional asks for none"):
         evaluate.evaluate(evaluate.build_parser().parse_args(args + ["--unconditional", "--cfg_scale", "2"]))
-    with pytest.raises(UserError, match="--steps must be in"):
+    with pytest.raises(UserError, match="--steps must be at least 0, got -3"):
         evaluate.evaluate(evaluate.build_parser().parse_args(args + ["--steps", "-3"]))
+    with pytest.raises(UserError, match="--steps must be in"):
+        evaluate.evaluate(evaluate.build_parser().parse_args(args + ["--steps", "5000"]))
 
 
 def test_evaluate_unconditional_run_has_no_guidance_and_reports_class_entropy(in_tmp, monkeypatch):

@@ -336,7 +336,7 @@ def test_sample_command_guidance_interval(tmp_path):
 def test_sample_command_bad_sampler_arguments_are_one_line_errors(tmp_path):
     make_run(tmp_path / "unconditional", conditional=False)
     make_run(tmp_path / "conditional")
-    for run, flags, message in (("unconditional", ["--steps", "-3"], "steps must be in"),
+    for run, flags, message in (("unconditional", ["--steps", "-3"], "--steps must be at least 0"),
                                 ("unconditional", ["--sampler", "ddim", "--steps", "4", "--eta", "2"], "eta must be in"),
                                 ("conditional", ["--sampler", "ddim", "--steps", "4", "--eta", "1.5"], "eta must be in"),
                                 ("conditional", ["--steps", "4", "--sampler", "dpmpp2m", "--eta", "0.5"], "--eta is the ddim sampler's noise")):
@@ -421,8 +421,9 @@ def test_a_runs_recommended_sampling_settings_are_the_defaults(in_tmp):
     run = in_tmp / "models" / "DDPM_conditional"
     config = json.loads((run / "run.json").read_text())
     assert config["sampling"] == {"sampler": "dpmpp2m", "steps": 4, "cfg_scale": 2.0, "guidance_interval": [5, 19]}
-    assert sample.recommended(run, True) == dict(sampler="dpmpp2m", steps=4, cfg_scale=2.0, guidance_interval=(5, 19))
-    assert sample.recommended(run, False) == dict(sampler="dpmpp2m", steps=4)
+    model, _ = sample.load(run)
+    assert sample.recommended(run, model) == dict(sampler="dpmpp2m", steps=4, cfg_scale=2.0, guidance_interval=(5, 19))
+    assert sample.recommended(run, model, False) == dict(sampler="dpmpp2m", steps=4)
 
     draw = lambda name, *flags: sample.main(["--run", str(run), "--n", "10", "--out", name, *flags])
     draw("run.png")
@@ -435,5 +436,5 @@ def test_a_runs_recommended_sampling_settings_are_the_defaults(in_tmp):
 
     del config["sampling"]  # a run from before run.json carried them
     (run / "run.json").write_text(json.dumps(config))
-    assert sample.recommended(run, True) == dict(sampler=ddpm.DEFAULT_SAMPLER, steps=ddpm.DEFAULT_STEPS,
+    assert sample.recommended(run, model) == dict(sampler=ddpm.DEFAULT_SAMPLER, steps=ddpm.DEFAULT_STEPS,
                                                  cfg_scale=ddpm_conditional.CFG_SCALE, guidance_interval=None)
