@@ -160,9 +160,19 @@ class Diffusion:
         previous = torch.cat([alpha_hat.new_ones(1), alpha_hat[:-1]])
         return 1 - alpha_hat / previous
 
+    def condition(self, model: nn.Module, n: int, **cond) -> dict:
+        """The keyword arguments of predict_noise for n images, checked (the conditional Diffusion's: labels and
+        guidance)."""
+        unknown = set(cond) - set(inspect.signature(self.predict_noise).parameters)
+        if unknown:
+            raise TypeError(f"sample() got {', '.join(sorted(unknown))}, which {type(self).__module__}."
+                            f"{type(self).__name__} does not take (labels and guidance: ddpm_conditional.Diffusion)")
+        return cond
+
     @torch.inference_mode()
     def sample(self, model: nn.Module, n: int, sampler: str = "ddpm", steps: int | None = None, eta: float = 0.0,
-               noise: torch.Tensor | None = None, progress: bool = True, callback=None, **cond) -> torch.Tensor:
+               noise: torch.Tensor | None = None, progress: bool = True, callback=None, start: int | None = None,
+               **cond) -> torch.Tensor:
         """Draw n images; uint8 in [0, 255], shape (n, C, H, W).
 
         sampler "ddpm": ancestral sampling (Algorithm 2) over every step, as the original, or over
@@ -170,17 +180,16 @@ class Diffusion:
         sampler "dpmpp2m": DPM-Solver++(2M) (Lu et al. 2022), deterministic, over `steps` spaced
         evenly in log-SNR. ddim and dpmpp2m take 50 steps unless told; each step is one network
         evaluation. Every chain starts at T-1 and ends at timestep 0. `noise` is x_T (default
-        N(0, I)); `callback(t, x_t)` sees every intermediate x_t (for trajectories).
+        N(0, I)); `callback(t, x_t)` sees every intermediate x_t (for trajectories). `start` begins
+        the chain at its first step at or below that timestep instead, `noise` then being x there
+        (what img2img does).
         """
         self.check_sampler(sampler, steps, eta)
         check_count(n)
         shape = (n, self.c_in, self.img_size, self.img_size)
         if noise is not None and tuple(noise.shape) != shape:
             raise ValueError(f"noise must have the shape of the n images, {shape}, got {tuple(noise.shape)}")
-        unknown = set(cond) - set(inspect.signature(self.predict_noise).parameters)
-        if unknown:
-            raise TypeError(f"sample() got {', '.join(sorted(unknown))}, which {type(self).__module__}."
-                            f"{type(self).__name__} does not take (labels and guidance: ddpm_conditional.Diffusion)")
+        cond = self.condition(model, n, **cond)
         if sampler != "ddpm" and steps is None:
             steps = 50
         was_training = model.training
@@ -189,6 +198,8 @@ class Diffusion:
         self._to(device)
         # Visit the kept steps s_K > ... > s_1 and end at 0: alpha_hat[0] = 1 - beta_start, almost clean.
         kept = self.timesteps(steps, log_snr=sampler == "dpmpp2m")
+        if start is not None:
+            kept = kept[kept <= start]
         previous = torch.cat([kept[1:], torch.zeros(1, dtype=torch.long)])
         if steps is None:
             beta = variance = self.beta[kept.to(device)]  # exactly the original's chain: sigma_t^2 = beta_t
@@ -201,11 +212,7 @@ class Diffusion:
         history = None  # dpmpp2m: the previous step's x0 prediction and lambda step
         for k in tqdm(range(len(kept)), desc=f"sampling ({sampler})", leave=False, disable=not progress):
             i, j = kept[k].item(), previous[k].item()
-            t = torch.full((n,), i, dtype=torch.long, device=device)
-            eps = self.predict_noise(model, x, t, **cond).to(x.dtype)  # out of the autocast dtype
-            if clip[k]:  # x0 clipped to the data range, eps re-derived from it
-                x0 = self.predict_x0(x, eps, i).clamp(-1, 1)
-                eps = (x - self.alpha_hat[i].sqrt() * x0) / (1 - self.alpha_hat[i]).sqrt()
+            eps = self.eps_at(model, x, i, clip[k], **cond)
             last = j == 0
             if sampler == "ddpm":
                 x = self.ddpm_step(x, eps, i, beta[k], variance[k], last)
@@ -216,8 +223,17 @@ class Diffusion:
             if callback is not None:
                 callback(j, x)
         model.train(was_training)
-        x = (x.clamp(-1, 1) + 1) / 2
-        return (x * 255).round().to(torch.uint8)  # rounded, as the real images are
+        return to_images(x)
+
+    def eps_at(self, model: nn.Module, x: torch.Tensor, i: int, clip: bool = False, **cond) -> torch.Tensor:
+        """eps_theta(x_t, t = i) for the whole batch, in x's dtype (out of autocast's); with `clip`, re-derived from
+        the x0 prediction clipped to the data range (see clipped_steps)."""
+        t = torch.full((x.shape[0],), i, dtype=torch.long, device=x.device)
+        eps = self.predict_noise(model, x, t, **cond).to(x.dtype)
+        if clip:
+            x0 = self.predict_x0(x, eps, i).clamp(-1, 1)
+            eps = (x - self.alpha_hat[i].sqrt() * x0) / (1 - self.alpha_hat[i]).sqrt()
+        return eps
 
     def check_sampler(self, sampler: str, steps: int | None, eta: float = 0.0) -> None:
         """ValueError unless sampler is one of SAMPLERS, steps None or in [1, T-1], and eta in [0, 1] (ddim only)."""
@@ -290,6 +306,152 @@ class Diffusion:
             D = (1 + 1 / (2 * r)) * x0 - 1 / (2 * r) * x0_previous
         sigma_ratio = ((1 - self.alpha_hat[j]) / (1 - self.alpha_hat[i])).sqrt()
         return sigma_ratio * x - self.alpha_hat[j].sqrt() * torch.expm1(-h) * D, (x0, h)
+
+
+    # ----------------------------------------------------------------------- beyond sampling: edits of images
+
+    @torch.inference_mode()
+    def inpaint(self, model: nn.Module, images: torch.Tensor, mask: torch.Tensor, sampler: str = "ddpm",
+                steps: int = 50, eta: float = 0.0, jump: int = 10, resample: int = 1, progress: bool = True,
+                **cond) -> torch.Tensor:
+        """Fill the masked part of uint8 `images` (N, C, H, W); `mask` is 1 (True) where to generate, broadcast
+        over them (1 or N masks, 1 or C channels). RePaint (Lugmayr et al. 2022, Algorithm 1): every step of the
+        reverse chain denoises x_t (eq. 8b) and then replaces the known part with the image noised to the same
+        level, x_{t-1}^known = sqrt(alpha_hat_{t-1}) x_0 + sqrt(1 - alpha_hat_{t-1}) eps (eq. 8a), combined as
+        m * known + (1 - m) * unknown (eq. 8c; here m = 1 - mask). With `resample` > 1, after every `jump` steps
+        the chain goes back up that many steps, x_{t+j} ~ q(x_{t+j} | x_t) in closed form, and down again,
+        `resample` - 1 times: the generated part gets to agree with the known part (section 4.2). sampler "ddpm"
+        (ancestral, RePaint's) or "ddim" over `steps` evenly spaced steps; the known pixels come back exactly.
+        """
+        self.check_sampler(sampler, steps, eta)
+        if sampler == "dpmpp2m":
+            raise ValueError("inpainting takes the ddpm or ddim sampler: DPM-Solver++'s multistep history does "
+                             "not survive the known part's replacement")
+        if jump < 1 or resample < 1:
+            raise ValueError(f"jump and resample must be at least 1, got {jump} and {resample}")
+        device = next(model.parameters()).device
+        self._to(device)
+        x0 = from_images(images, device)
+        mask = torch.as_tensor(mask, device=device).float()
+        if mask.dim() != 4 or mask.shape[-2:] != x0.shape[-2:] or mask.shape[0] not in (1, len(x0)) \
+                or mask.shape[1] not in (1, x0.shape[1]):
+            raise ValueError(f"mask must be (1 or N, 1 or C, H, W) for images {tuple(x0.shape)}, got "
+                             f"{tuple(mask.shape)}")
+        cond = self.condition(model, len(x0), **cond)
+        kept = self.timesteps(steps)
+        at = kept.tolist() + [0]  # the timestep of each position on the chain: 0 is x_T, len(kept) the image
+
+        def known(t: int) -> torch.Tensor:
+            return self.noise_images(x0, torch.full((len(x0),), t, device=device))[0]
+
+        x = mask * torch.randn_like(x0) + (1 - mask) * known(at[0])
+        path = repaint_path(len(kept), jump, resample)
+        for a, b in tqdm(list(zip(path[:-1], path[1:])), desc="inpainting", leave=False, disable=not progress):
+            i, j = at[a], at[b]
+            ratio = self.alpha_hat[j] / self.alpha_hat[i]
+            if b < a:  # back up the chain: q(x_j | x_i) = N(sqrt(ratio) x_i, (1 - ratio) I)
+                x = ratio.sqrt() * x + (1 - ratio).sqrt() * torch.randn_like(x)
+                continue
+            eps = self.eps_at(model, x, i, bool(ratio.sqrt() > 10), **cond)
+            if sampler == "ddpm":  # the respaced step and its posterior variance, as sample's
+                beta = 1 - self.alpha_hat[i] / self.alpha_hat[j]
+                x = self.ddpm_step(x, eps, i, beta, (1 - self.alpha_hat[j]) / (1 - self.alpha_hat[i]) * beta, j == 0)
+            else:
+                x = self.ddim_step(x, eps, i, j, eta, j == 0)
+            x = mask * x + (1 - mask) * known(j)
+        return to_images(mask * x + (1 - mask) * x0)
+
+    @torch.inference_mode()
+    def img2img(self, model: nn.Module, images: torch.Tensor, strength: float, sampler: str = DEFAULT_SAMPLER,
+                steps: int | None = DEFAULT_STEPS, noise: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
+        """SDEdit (Meng et al. 2022, Algorithm 1): noise uint8 `images` to the level `strength` in [0, 1] of the
+        chain, x_t0 = sqrt(alpha_hat_t0) x_0 + sqrt(1 - alpha_hat_t0) z (eq. 4), and denoise from there with any
+        sampler (of whose `steps` those at or below t0 run). Strength 0 returns the images; 1 starts from the pure
+        noise `z` (default N(0, I)) as sampling does, and equals sample(noise=z). A conditional model takes labels
+        and guidance: towards the class asked."""
+        if not 0 <= strength <= 1:
+            raise ValueError(f"strength must be in [0, 1], got {strength}")
+        self.check_sampler(sampler, steps)
+        device = next(model.parameters()).device
+        self._to(device)
+        x0 = from_images(images, device)
+        z = torch.randn_like(x0) if noise is None else noise.to(device)
+        chain = self.timesteps(50 if sampler != "ddpm" and steps is None else steps, log_snr=sampler == "dpmpp2m")
+        chain = chain[chain <= round(strength * (self.noise_steps - 1))]  # sample's chain (ddim: 50 unless told)
+        if not len(chain):  # too weak to reach the chain's first step
+            return images.clone()
+        t0 = chain[0].item()
+        # eq. 4 with this z; from T-1 the chain starts at pure noise, as sampling does
+        x = z if t0 == self.noise_steps - 1 else self.alpha_hat[t0].sqrt() * x0 + (1 - self.alpha_hat[t0]).sqrt() * z
+        return self.sample(model, len(x0), sampler=sampler, steps=steps, noise=x, start=t0, **kwargs)
+
+    @torch.inference_mode()
+    def invert(self, model: nn.Module, images: torch.Tensor, steps: int = 50, progress: bool = True,
+               **cond) -> torch.Tensor:
+        """DDIM inversion: the x_T from which sample(sampler="ddim", steps=steps, noise=x_T) gives back uint8
+        `images`. DDIM's deterministic update (Song et al. 2021, eq. 12 at sigma = 0; as an ODE, eq. 13) run from
+        t = 0 up the same timesteps, x_next = sqrt(alpha_hat_next) x0_pred + sqrt(1 - alpha_hat_next) eps, with eps
+        predicted at the current, less noisy x_t (the approximation that makes it one evaluation a step; its
+        error shrinks with the step). Returns float x_T; conditional: with labels, and guidance 1 (cfg_scale=1)
+        for the closest round trip."""
+        device = next(model.parameters()).device
+        self._to(device)
+        x = from_images(images, device)
+        cond = self.condition(model, len(x), **cond)
+        up = [0] + self.timesteps(steps).flip(0).tolist()
+        for i, j in tqdm(list(zip(up[:-1], up[1:])), desc="inverting", leave=False, disable=not progress):
+            eps = self.eps_at(model, x, i, **cond)
+            x = self.alpha_hat[j].sqrt() * self.predict_x0(x, eps, i) + (1 - self.alpha_hat[j]).sqrt() * eps
+        return x
+
+    @torch.inference_mode()
+    def interpolate(self, model: nn.Module, noise_a: torch.Tensor, noise_b: torch.Tensor, frames: int = 8,
+                    sampler: str = "ddim", steps: int = 50, **kwargs) -> torch.Tensor:
+        """`frames` images along the spherical interpolation (slerp) from x_T = noise_a to noise_b (each (C, H,
+        W): two draws of N(0, I), or two inversions), decoded by a deterministic sampler: the first and last are
+        the samples of noise_a and noise_b. A conditional model takes labels (one for every frame, or one each)."""
+        if sampler == "ddpm":
+            raise ValueError("interpolation needs a deterministic sampler (ddim or dpmpp2m): the ancestral chain "
+                             "adds fresh noise at every step")
+        if frames < 2:
+            raise ValueError(f"frames must be at least 2 (the two ends), got {frames}")
+        x = slerp(noise_a, noise_b, torch.linspace(0, 1, frames))
+        return self.sample(model, frames, sampler=sampler, steps=steps, noise=x, **kwargs)
+
+def to_images(x: torch.Tensor) -> torch.Tensor:
+    """Model-range x in [-1, 1] -> uint8 images, rounded as the real images are."""
+    return (((x.clamp(-1, 1) + 1) / 2) * 255).round().to(torch.uint8)
+
+
+def from_images(images: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """uint8 images -> float x in [-1, 1] on `device`: to_images' inverse (exact on the 256 levels)."""
+    if images.dtype != torch.uint8:
+        raise ValueError(f"images must be uint8 (N, C, H, W), as the samplers return them, got {images.dtype}")
+    return images.to(device).float() / 127.5 - 1
+
+
+def slerp(a: torch.Tensor, b: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """Spherical interpolation (Shoemake 1985) of each of `w`'s weights between a and b: sin((1-w) theta) / sin
+    theta a + sin(w theta) / sin theta b, theta the angle between them; Gaussian noise keeps its norm along the
+    arc, where a straight line would pass through low-norm x_T that the model never saw. w = 0 gives a exactly."""
+    theta = torch.arccos((a.flatten() @ b.flatten() / (a.norm() * b.norm())).clamp(-1, 1))
+    w = w.to(a.dtype).view(-1, *[1] * a.dim())
+    if theta < 1e-4:  # parallel: the straight line
+        return (1 - w) * a + w * b
+    # the weights first: sin(theta) / sin(theta) is exactly 1, so the ends are exactly a and b
+    return torch.sin((1 - w) * theta) / torch.sin(theta) * a + torch.sin(w * theta) / torch.sin(theta) * b
+
+
+def repaint_path(k: int, jump: int, resample: int) -> list[int]:
+    """RePaint's schedule over the positions 0 (x_T) .. k (the image) of a chain of k steps: down one at a time;
+    at every `jump`-th position, `resample` - 1 times back up `jump` positions (one move) and down again."""
+    path = [0]
+    for p in range(1, k + 1):
+        path.append(p)
+        if resample > 1 and p % jump == 0 and p >= jump and p < k:
+            for _ in range(resample - 1):
+                path += [p - jump, *range(p - jump + 1, p + 1)]
+    return path
 
 
 def check_count(n) -> None:

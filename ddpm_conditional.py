@@ -83,16 +83,20 @@ class Diffusion(ddpm.Diffusion):
         guided = torch.lerp(eps_uncond.float(), eps_cond.float(), cfg_scale)
         return guided if inside is None else torch.where(inside[:, None, None, None], guided, eps_cond.float())
 
+    def condition(self, model: nn.Module, n: int, labels=None, cfg_scale: float = 3,
+                  guidance_interval: tuple[int, int] | None = None) -> dict:
+        """predict_noise's labels and guidance for n images, checked: `labels` as in sample."""
+        check_guidance_interval(guidance_interval, self.noise_steps)
+        if isinstance(cfg_scale, bool) or not isinstance(cfg_scale, numbers.Real) or not math.isfinite(cfg_scale):
+            raise ValueError(f"cfg_scale must be a finite number, got {cfg_scale!r}")
+        labels = class_labels(labels, n, model).to(next(model.parameters()).device)
+        return dict(labels=labels, cfg_scale=cfg_scale, guidance_interval=guidance_interval)
+
     def sample(self, model: nn.Module, n: int, labels, cfg_scale: float = 3,
                guidance_interval: tuple[int, int] | None = None, **kwargs) -> torch.Tensor:
         """n images of the classes `labels`: n class indices (a list, array or tensor; -1 samples the unconditional
         model that label dropout trained), or one index for all n; class names too, for a model from sample.load.
         See ddpm.Diffusion.sample for the sampler options."""
-        ddpm.check_count(n)
-        check_guidance_interval(guidance_interval, self.noise_steps)
-        if isinstance(cfg_scale, bool) or not isinstance(cfg_scale, numbers.Real) or not math.isfinite(cfg_scale):
-            raise ValueError(f"cfg_scale must be a finite number, got {cfg_scale!r}")
-        labels = class_labels(labels, n, model).to(next(model.parameters()).device)
         return super().sample(model, n, labels=labels, cfg_scale=cfg_scale, guidance_interval=guidance_interval,
                               **kwargs)
 

@@ -64,8 +64,8 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 class ArgumentParser(argparse.ArgumentParser):
     """argparse with the project's --help, whose errors are one line naming the flag (a UserError), not a usage."""
 
-    def __init__(self, description: str):
-        super().__init__(description=description, formatter_class=HelpFormatter)
+    def __init__(self, description: str | None = None, **kwargs):
+        super().__init__(description=description, formatter_class=HelpFormatter, **kwargs)
 
     def error(self, message: str):
         raise UserError(re.sub(r"^argument ([^:/ ]+)\S*: ", r"\1 ", message))

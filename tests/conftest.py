@@ -1,3 +1,4 @@
+import os
 import sys
 from pathlib import Path
 
@@ -8,7 +9,9 @@ from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-torch.set_num_threads(2)
+# 2 threads, as CI's 2 cores; TEST_THREADS=1 while something else keeps a core busy (two processes of 2 threads
+# each on 2 cores wait on each other many times over)
+torch.set_num_threads(int(os.environ.get("TEST_THREADS", 2)))
 
 
 def write_images(folder: Path, n: int, size: int = 20, mode: str = "RGB", seed: int = 0) -> list[Path]:

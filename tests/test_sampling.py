@@ -372,7 +372,7 @@ def test_sampling_notebook_runs_top_to_bottom_and_keeps_its_pictures(tmp_path, m
     notebook = nbformat.read(tmp_path / "copy.ipynb", as_version=4)
     outputs = [o for cell in notebook.cells if cell.cell_type == "code" for o in cell.outputs]
     assert not [o for o in outputs if o.output_type == "error" or o.get("name") == "stderr"]
-    assert sum("image/png" in o.get("data", {}) for o in outputs) == 3  # grid, denoising, noising
+    assert sum("image/png" in o.get("data", {}) for o in outputs) == 8  # grid, denoising, noising, 5 of edits
     assert "'cfg_scale': 3.5" in "".join(o.get("text", "") for o in outputs)  # the run's recommended guidance
 
 
