@@ -33,7 +33,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import ddpm
 import ddpm_conditional
-from modules import SelfAttention
+from modules import ORIGINAL_ATTENTION, ORIGINAL_MULT, SelfAttention
 from utils import (ArgumentParser, UserError, add_runtime_args, autocast_dtype, cpu_has_native, cpu_supports,
                    pick_device, precision_name, run_main, save_json, update_readme_block, whole)
 
@@ -138,7 +138,8 @@ def build_trainer(args: argparse.Namespace, device: torch.device) -> ddpm.Traine
     """The scripts' real Trainer on random images of the configuration (written into a temporary folder)."""
     argv = ["--image_size", str(args.image_size), "--c_in", str(args.c_in), "--width", str(args.width),
             "--batch_size", str(args.batch_size), "--precision", args.precision, "--device", str(device),
-            "--noise_steps", str(args.noise_steps), "--dataset_path", "synthetic"]
+            "--noise_steps", str(args.noise_steps), "--dataset_path", "synthetic", "--heads", str(args.heads),
+            "--channel_mult", *map(str, args.channel_mult), "--attention", *map(str, args.attention)]
     argv += (["--compile"] if args.compile else []) + (["--no-input_skip"] if args.original else [])
     script = ddpm_conditional if args.conditional else ddpm
     targs = script.parse_args(argv)
@@ -217,8 +218,8 @@ def benchmark(args: argparse.Namespace) -> dict:
 
     result = {
         "device": device_name(device),
-        "config": {k: getattr(args, k) for k in ("image_size", "c_in", "width", "batch_size", "conditional", "compile",
-                                                 "original")},
+        "config": {k: getattr(args, k) for k in ("image_size", "c_in", "width", "channel_mult", "attention", "heads",
+                                                 "batch_size", "conditional", "compile", "original")},
         "precision": precision,
         "peak_tflops": {k: v / 1e12 for k, v in peaks.items()},
         "train_step_s": step,
@@ -243,7 +244,8 @@ def print_table(r: dict) -> None:
     c = r["config"]
     rows = [
         ("device", r["device"]),
-        ("configuration", f"{c['c_in']}x{c['image_size']}x{c['image_size']}, width {c['width']}, batch {c['batch_size']}, "
+        ("configuration", f"{c['c_in']}x{c['image_size']}x{c['image_size']}, width {c['width']}{shape_name(c)}, "
+                          f"batch {c['batch_size']}, "
                           f"{'conditional' if c['conditional'] else 'unconditional'}, {r['precision']}"
                           f"{', compiled' if c['compile'] else ''}{ORIGINAL if c['original'] else ''}"),
         ("matmul peak", ", ".join(f"{k} {v:.3g} TFLOP/s" for k, v in r["peak_tflops"].items())),
@@ -267,9 +269,21 @@ README_HEADER = ["| device | configuration | training | utilisation | attention:
                  "|---|---|---|---|---|---|---|"]
 
 
+def shape_name(c: dict) -> str:
+    """The UNet's shape in a configuration's name when it is not the original's, e.g. ", mult 2-2-2, attention at
+    4 8, 2 heads"."""
+    mult, attention = c.get("channel_mult", list(ORIGINAL_MULT)), c.get("attention", list(ORIGINAL_ATTENTION))
+    parts = [f"mult {'-'.join(map(str, mult))}"] if list(mult) != list(ORIGINAL_MULT) else []
+    if sorted(attention) != list(ORIGINAL_ATTENTION):
+        parts.append(f"attention at {' '.join(map(str, sorted(attention)))}" if attention else "no attention")
+    parts += [f"{c['heads']} heads"] if c.get("heads", 4) != 4 else []
+    return "".join(f", {part}" for part in parts)
+
+
 def readme_row(r: dict) -> str:
     c = r["config"]
-    config = (f"{c['c_in']}x{c['image_size']}², width {c['width']}, batch {c['batch_size']}, {r['precision']}"
+    config = (f"{c['c_in']}x{c['image_size']}², width {c['width']}{shape_name(c)}, batch {c['batch_size']}, "
+              f"{r['precision']}"
               f"{', compiled' if c['compile'] else ''}{ORIGINAL if c['original'] else ''}"
               f"{'' if c['conditional'] else ', unconditional'}")
     sampling = " / ".join(f"{r['sample_s_per_image'][k]:.3f}" for k in r["sample_s_per_image"])
@@ -298,6 +312,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image_size", type=whole(8), default=16, help="side of the square images")
     p.add_argument("--c_in", type=int, choices=[1, 3, 4], default=1, help="image channels")
     p.add_argument("--width", type=whole(4), default=32, help="base channel width of the UNet")
+    p.add_argument("--channel_mult", type=whole(1), nargs=3, default=list(ORIGINAL_MULT), metavar=("M2", "M4", "M8"),
+                   help="the UNet's widths at 1/2, 1/4 and 1/8 of the side, as multiples of --width")
+    p.add_argument("--attention", type=int, nargs="*", choices=[1, 2, 4, 8], default=list(ORIGINAL_ATTENTION),
+                   metavar="FACTOR", help="where the UNet attends, as downsampling factors (1 = full resolution)")
+    p.add_argument("--heads", type=whole(1), default=4, help="attention heads")
     p.add_argument("--batch_size", type=whole(1), default=64, help="images per training step")
     p.add_argument("--unconditional", dest="conditional", action="store_false",
                    help="benchmark ddpm.py's step instead of ddpm_conditional.py's")

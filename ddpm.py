@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
-from modules import UNet
+from modules import ORIGINAL_ATTENTION, ORIGINAL_MULT, UNet
 from utils import (ArgumentParser, SeededSampler, StopRequest, UserError, add_runtime_args, autocast, autocast_dtype,
                    barrier, check_new_run, close_loader, gather, get_data, init_distributed, load_checkpoint,
                    make_grid, parse_run_args, pick_device, precision_name, resume_command, run_main,
@@ -512,7 +512,7 @@ class Trainer:
         return {
             "model": type(self.model).__name__,
             "model_args": dict(c_in=a.c_in, c_out=a.c_in, time_dim=self.model.time_dim, width=a.width,
-                              input_skip=a.input_skip),
+                              input_skip=a.input_skip, **self.shape()),
             "diffusion_args": dict(noise_steps=a.noise_steps, beta_start=self.diffusion.beta_start,
                                    beta_end=self.diffusion.beta_end, img_size=a.image_size, c_in=a.c_in,
                                    schedule=a.schedule, prediction=a.prediction),
@@ -526,7 +526,12 @@ class Trainer:
 
     def build_model(self) -> nn.Module:
         a = self.args
-        return UNet(c_in=a.c_in, c_out=a.c_in, width=a.width, input_skip=a.input_skip)
+        return UNet(c_in=a.c_in, c_out=a.c_in, width=a.width, input_skip=a.input_skip, **self.shape())
+
+    def shape(self) -> dict:
+        """The UNet's shape options (modules.ORIGINAL_MULT): the original's unless the flags say otherwise."""
+        a = self.args
+        return dict(channel_mult=list(a.channel_mult), attention=sorted(a.attention), heads=a.heads)
 
     def build_diffusion(self) -> Diffusion:
         a = self.args
@@ -773,7 +778,8 @@ def lr_factor(step: int, args: argparse.Namespace, total_steps: int) -> float:
 # Defaults that depend on the data: --dataset NAME (or "folder" for --dataset_path).
 # Short CPU runs: width 32 and batch 64 keep 2 cores busy without wasting steps; a high rate early, decayed to zero.
 # The original's objective, the plain MSE of the noise; also what a run saved before these options existed used.
-ORIGINAL_OPTIONS = dict(prediction="eps", loss_weight="none")
+ORIGINAL_OPTIONS = dict(prediction="eps", loss_weight="none", channel_mult=list(ORIGINAL_MULT),
+                        attention=list(ORIGINAL_ATTENTION), heads=4)
 _SMALL = dict(width=32, batch_size=64, lr=2e-3, warmup=200, lr_schedule="cosine", **ORIGINAL_OPTIONS)
 RECIPES = {
     # 4,500 digits at 16x16, 60 epochs (4,200 steps) unconditional; ddpm_conditional.py's recipe trains 40 with
@@ -814,6 +820,13 @@ def build_parser(description: str = "Train an unconditional DDPM.", run_name: st
     p.add_argument("--c_in", type=int, choices=[1, 3, 4], default=None,
                    help="image channels: 1, 3 or 4 (default: from the data)")
     p.add_argument("--width", type=whole(4), default=None, help=f"base channel width of the UNet {recipe('width')}")
+    p.add_argument("--channel_mult", type=whole(1), nargs=3, default=None, metavar=("M2", "M4", "M8"),
+                   help="the UNet's widths at 1/2, 1/4 and 1/8 of the side, as multiples of --width (the bottleneck: "
+                        f"twice the last) {recipe('channel_mult')}")
+    p.add_argument("--attention", type=int, nargs="*", choices=[1, 2, 4, 8], default=None, metavar="FACTOR",
+                   help="where the UNet attends, as downsampling factors: 1 = full resolution (the costly one), 2, 4, "
+                        f"8 = the lowest; none = no attention {recipe('attention')}")
+    p.add_argument("--heads", type=whole(1), default=None, help=f"attention heads {recipe('heads')}")
     p.add_argument("--input_skip", action=argparse.BooleanOptionalAction, default=True,
                    help="1x1 conv from x_t past the first GroupNorm, so the UNet sees the scale of x_t (DDIM needs "
                         "it); --no-input_skip trains the original's exact network")

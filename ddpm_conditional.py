@@ -155,7 +155,7 @@ class Trainer(ddpm.Trainer):
             raise UserError(f"--num_classes {a.num_classes} does not match the {a.num_classes_found} classes "
                             f"found in the data ({', '.join(a.class_names[:12])}): drop the flag or fix the folder")
         return UNet_conditional(c_in=a.c_in, c_out=a.c_in, num_classes=a.num_classes, width=a.width,
-                                input_skip=a.input_skip)
+                                input_skip=a.input_skip, **self.shape())
 
     def run_config(self) -> dict:
         return {**super().run_config(), "num_classes": self.args.num_classes}

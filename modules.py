@@ -165,12 +165,37 @@ class Up(nn.Module):
         return self.conv(x) + self.emb_layer(t)[:, :, None, None]
 
 
+# The network's shape (the original's by default). Widths: `width` at full resolution, then channel_mult times it at
+# 1/2, 1/4 and 1/8 of the side (and twice the last in the bottleneck). Attention after each block at the
+# downsampling factors in `attention`: 1 (the last up block, at full resolution), 2 and 4 (a down and an up block
+# each), 8 (the last down block). `heads` attention heads everywhere.
+ORIGINAL_MULT, ORIGINAL_ATTENTION = (2, 4, 4), (1, 2, 4, 8)
+
+
+def shape_problem(width: int, channel_mult, attention, heads: int) -> str | None:
+    """What is wrong with a UNet shape, in one line, or None."""
+    if len(channel_mult) != 3 or min(channel_mult) < 1:
+        return f"channel_mult must be 3 positive multipliers (1/2, 1/4 and 1/8 of the side), got {list(channel_mult)}"
+    if not set(attention) <= {1, 2, 4, 8}:
+        return f"attention takes the downsampling factors 1, 2, 4 and 8, got {list(attention)}"
+    if heads < 1:
+        return f"heads must be at least 1, got {heads}"
+    m1, m2, m3 = (m * width for m in channel_mult)
+    widths = {1: [width], 2: [m1, width], 4: [m2, m1], 8: [m3]}  # sa6; sa1 and sa5; sa2 and sa4; sa3
+    odd = sorted({c for factor in attention for c in widths[factor] if c % heads})
+    if odd:
+        return f"heads {heads} does not divide the channels of every attention layer ({', '.join(map(str, odd))})"
+    return None
+
+
 class UNet(nn.Module):
     """The noise predictor eps_theta(x_t, t).
 
     `width` is the base channel count (64 in the original); every layer scales with it. Image
     sides must be divisible by 8 (three 2x downsamplings). `device` is accepted for old notebooks
-    and ignored: everything follows the device of the input.
+    and ignored: everything follows the device of the input. `channel_mult`, `attention` and `heads`
+    shape the network (see ORIGINAL_MULT); their defaults are the original's, whose parameter names
+    every shape keeps (a level without attention has no saN parameters).
 
     `input_skip` adds a 1x1 convolution from x_t to the first block's output. Without it (the
     original network) the first block, a bias-free convolution followed by GroupNorm(1), divides
@@ -180,29 +205,38 @@ class UNet(nn.Module):
     """
 
     def __init__(self, c_in: int = 3, c_out: int = 3, time_dim: int = 256, width: int = 64,
-                 input_skip: bool = False, device=None):
+                 input_skip: bool = False, device=None, channel_mult: tuple[int, int, int] = ORIGINAL_MULT,
+                 attention: tuple[int, ...] = ORIGINAL_ATTENTION, heads: int = 4):
         super().__init__()
-        w = width
+        problem = shape_problem(width, channel_mult, attention, heads)
+        if problem:
+            raise ValueError(problem)
+        w, (m1, m2, m3) = width, channel_mult
         self.time_dim = time_dim
+        self.channel_mult, self.attention, self.heads = tuple(channel_mult), tuple(sorted(attention)), heads
+
+        def attend(channels: int, factor: int) -> nn.Module:  # a level without attention: no parameters at all
+            return SelfAttention(channels, heads) if factor in attention else nn.Identity()
+
         self.inc = DoubleConv(c_in, w)
         self.inc_skip = nn.Conv2d(c_in, w, kernel_size=1) if input_skip else None
-        self.down1 = Down(w, 2 * w, time_dim)
-        self.sa1 = SelfAttention(2 * w)
-        self.down2 = Down(2 * w, 4 * w, time_dim)
-        self.sa2 = SelfAttention(4 * w)
-        self.down3 = Down(4 * w, 4 * w, time_dim)
-        self.sa3 = SelfAttention(4 * w)
+        self.down1 = Down(w, m1 * w, time_dim)
+        self.sa1 = attend(m1 * w, 2)
+        self.down2 = Down(m1 * w, m2 * w, time_dim)
+        self.sa2 = attend(m2 * w, 4)
+        self.down3 = Down(m2 * w, m3 * w, time_dim)
+        self.sa3 = attend(m3 * w, 8)
 
-        self.bot1 = DoubleConv(4 * w, 8 * w)
-        self.bot2 = DoubleConv(8 * w, 8 * w)
-        self.bot3 = DoubleConv(8 * w, 4 * w)
+        self.bot1 = DoubleConv(m3 * w, 2 * m3 * w)
+        self.bot2 = DoubleConv(2 * m3 * w, 2 * m3 * w)
+        self.bot3 = DoubleConv(2 * m3 * w, m3 * w)
 
-        self.up1 = Up(8 * w, 2 * w, time_dim)
-        self.sa4 = SelfAttention(2 * w)
-        self.up2 = Up(4 * w, w, time_dim)
-        self.sa5 = SelfAttention(w)
+        self.up1 = Up((m3 + m2) * w, m1 * w, time_dim)
+        self.sa4 = attend(m1 * w, 4)
+        self.up2 = Up(2 * m1 * w, w, time_dim)
+        self.sa5 = attend(w, 2)
         self.up3 = Up(2 * w, w, time_dim)
-        self.sa6 = SelfAttention(w)
+        self.sa6 = attend(w, 1)
         self.outc = nn.Conv2d(w, c_out, kernel_size=1)
 
     def pos_encoding(self, t: torch.Tensor, channels: int) -> torch.Tensor:
@@ -237,8 +271,8 @@ class UNet_conditional(UNet):
     """
 
     def __init__(self, c_in: int = 3, c_out: int = 3, time_dim: int = 256, num_classes: int | None = None,
-                 width: int = 64, input_skip: bool = False, device=None):
-        super().__init__(c_in, c_out, time_dim, width, input_skip)
+                 width: int = 64, input_skip: bool = False, device=None, **shape):
+        super().__init__(c_in, c_out, time_dim, width, input_skip, **shape)
         if num_classes is None:
             raise ValueError("UNet_conditional needs num_classes (the number of classes in the dataset)")
         self.num_classes = num_classes

@@ -73,11 +73,16 @@ def unet_weights(obj, path: Path, ema: bool = True) -> tuple[dict[str, torch.Ten
 
 
 def architecture_of(state: dict) -> dict:
-    """UNet arguments read off a state_dict's shapes (for bare checkpoints without run.json)."""
+    """UNet arguments read off a state_dict's shapes and names (for bare checkpoints without run.json); the heads
+    cannot be read off the weights: 4, the original's, unless run.json says otherwise."""
     try:
+        width = state[FIRST_CONV].shape[0]
         args = dict(c_in=state[FIRST_CONV].shape[1], c_out=state["outc.weight"].shape[0],
-                    time_dim=state["down1.emb_layer.1.weight"].shape[1], width=state[FIRST_CONV].shape[0],
-                    input_skip="inc_skip.weight" in state)
+                    time_dim=state["down1.emb_layer.1.weight"].shape[1], width=width,
+                    input_skip="inc_skip.weight" in state,
+                    channel_mult=[state[f"down{k}.emb_layer.1.weight"].shape[0] // width for k in (1, 2, 3)],
+                    attention=sorted({factor for n, factor in enumerate((2, 4, 8, 4, 2, 1), start=1)
+                                      if f"sa{n}.mha.in_proj_weight" in state}))
     except (KeyError, AttributeError, IndexError) as e:
         raise UserError(f"the weights are not a UNet of this project or of the original (no {e})")
     if "label_emb.weight" in state:

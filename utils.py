@@ -25,6 +25,8 @@ from PIL import Image, ImageOps
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset, TensorDataset
 from tqdm import tqdm
 
+from modules import shape_problem
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm",
                     ".pbm", ".pnm", ".tga")
 CHANNEL_MODES = {1: "L", 3: "RGB", 4: "RGBA"}
@@ -129,14 +131,17 @@ def parse_run_args(parser: argparse.ArgumentParser, argv: list[str] | None, reci
             setattr(args, key, value(args) if callable(value) else value)
     if args.image_size % 8:
         raise UserError(f"--image_size {args.image_size} must be a positive multiple of 8 (the UNet halves it 3 times)")
-    if args.width % 4:
-        raise UserError(f"--width {args.width} must be a multiple of 4 (4 attention heads)")
+    args.attention = sorted(set(args.attention))  # a set of levels: in any order, once each
+    problem = shape_problem(args.width, args.channel_mult, args.attention, args.heads)
+    if problem:
+        raise UserError(f"--{problem}: change --width, --channel_mult or --heads")
     args.command = " ".join(sys.argv) if argv is None else " ".join(["ddpm.py", *argv])
     return args
 
 
 # What a resumed run may not change: the model and the data (and so the meaning of a step).
-LOCKED = ("dataset", "dataset_path", "image_size", "c_in", "width", "input_skip", "noise_steps", "schedule",
+LOCKED = ("dataset", "dataset_path", "image_size", "c_in", "width", "channel_mult", "attention", "heads", "input_skip",
+          "noise_steps", "schedule",
           "prediction", "num_classes", "limit", "batch_size", "label_drop")
 
 
