@@ -937,8 +937,8 @@ def load_checkpoint(path: str | Path, map_location="cpu", objects: bool = False)
     if not names:
         raise UserError(f"'{path}' is not a readable checkpoint ({first_line(error)})")
     if not objects:
-        raise UserError(f"'{path}' holds Python objects ({', '.join(names[:3])}), not only tensors: this project "
-                        f"reads weights only")
+        raise UserError(f"'{path}' is not a readable checkpoint: it holds Python objects ({', '.join(names[:3])}), "
+                        f"not only tensors, and this project reads weights only")
     stand_ins = [(type(name.rsplit(".", 1)[-1], (Pickled,), {}), name) for name in names]
     try:
         with torch.serialization.safe_globals(stand_ins):
