@@ -16,15 +16,14 @@ import time
 from pathlib import Path
 
 import torch
-import torchvision.transforms as T
 
 import evaluate
 import sample
 from ddpm_conditional import add_guidance_args
 from ddpm import DEFAULT_SAMPLER, DEFAULT_STEPS, SAMPLERS, to_images
 from utils import (ArgumentParser, CHANNEL_MODES, UserError, add_runtime_args, autocast, autocast_dtype, inspect_image,
-                   open_image, real, read_folder, run_main, save_images, seed_everything, update_readme_block, whole,
-                   writable_folder)
+                   open_image, real, read_folder, run_main, save_images, seed_everything, transforms, update_readme_block,
+                   whole, writable_folder)
 
 
 # --------------------------------------------------------------------------- inputs
@@ -45,6 +44,7 @@ def image_files(paths: list[str]) -> list[Path]:
 def load_inputs(files: list[Path], channels: int, size: int) -> torch.Tensor:
     """uint8 (N, C, size, size): each file resized (shorter side) and centre-cropped, as evaluate.py's real images.
     A colour image for a grayscale run is refused: its colour would be lost."""
+    T = transforms()
     transform = T.Compose([T.Resize(size), T.CenterCrop(size), T.PILToTensor()])
     for file in files:
         info = inspect_image(file)
@@ -72,6 +72,7 @@ def load_mask(args: argparse.Namespace, files: list[Path], size: int) -> torch.T
         if (width, height) != mask_image.size:
             raise UserError(f"the mask {args.mask} is {mask_image.size[0]}x{mask_image.size[1]} and {file} is "
                             f"{width}x{height}: give a mask of the images' size")
+    T = transforms()
     transform = T.Compose([T.Resize(size, interpolation=T.InterpolationMode.NEAREST), T.CenterCrop(size),
                            T.PILToTensor()])
     return (transform(mask_image)[None] > 127).float()

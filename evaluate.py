@@ -20,7 +20,6 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-import torchvision.transforms as T
 from tqdm import tqdm
 
 from ddpm import SAMPLERS
@@ -29,7 +28,7 @@ from sample import add_sampler_args, fill_sampling, full_chain, load
 from utils import (ArgumentParser, ImageFiles, UserError, add_runtime_args, as_posix_relative, autocast, autocast_dtype,
                    grid_array, labels_of, load_checkpoint, load_dataset, read_folder, readme_block, run_main,
                    save_checkpoint, save_images, save_json, seed_everything, split_held_out, to_model_range,
-                   update_readme_block, whole, writable_folder)
+                   transforms, update_readme_block, whole, writable_folder)
 
 CFG_SWEEP = [1, 2, 3, 4, 5, 6, 7]  # 1 = unguided; a scale <= 0 is treated as 1, so 0 would repeat it
 # Every sampler at these network evaluations (one per step, a guided one included), and the original's chain.
@@ -60,6 +59,7 @@ def real_images(config: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
     if trained is not None and folder.classes != trained:
         raise UserError(f"the classes in '{root}' ({', '.join(folder.classes[:10])}) are not the ones the run was "
                         f"trained on ({', '.join(trained[:10])}): restore the folder as it was")
+    T = transforms()
     transform = T.Compose([T.Resize(size), T.CenterCrop(size), T.PILToTensor()])
     data = ImageFiles(folder, transform, channels)
     images = torch.stack([data[i][0] for i in tqdm(range(len(data)), desc="loading real images", leave=False)])

@@ -97,9 +97,22 @@ def test_resume_without_a_checkpoint_is_a_clear_error(in_tmp, capsys):
     assert "nothing to resume" in capsys.readouterr().err
 
 
+def one_thread() -> dict:
+    """The environment of the training processes below: one thread each, as under torchrun (test_distributed.py). A
+    tiny model gains little from a second thread, and two threads on two busy cores wait on each other at every
+    operation."""
+    return {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
 def start(folder, argv, **kw):
     return subprocess.Popen([sys.executable, str(ROOT / "ddpm_conditional.py"), *TINY, *RUN, *argv], cwd=folder,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=one_thread(), **kw)
+
+
+def finish(folder, argv):
+    """Run ddpm_conditional.py to its end."""
+    return subprocess.run([sys.executable, str(ROOT / "ddpm_conditional.py"), *TINY, *RUN, *argv], cwd=folder,
+                          capture_output=True, text=True, env=one_thread())
 
 
 def wait_for(path, timeout=60):
@@ -119,8 +132,9 @@ def every_file_loads(folder):
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_kill_9_at_a_random_moment_then_resume(tmp_path, seed):
-    """Checkpoint every step, kill -9 somewhere, check what is on disk, resume to the end."""
-    epochs, steps_per_epoch = 20, 4
+    """Checkpoint every step, kill -9 somewhere, check what is on disk, resume to the end. The kill lands within
+    1.5 s of the first checkpoint; the 32 steps take longer than that (3 s here), so it lands mid-run."""
+    epochs, steps_per_epoch = 8, 4
     proc = start(tmp_path, ["--epochs", str(epochs), "--save_every", "1"])
     wait_for(tmp_path / "models" / "r" / "resume.pt")
     time.sleep(random.Random(seed).uniform(0, 1.5))
@@ -128,8 +142,8 @@ def test_kill_9_at_a_random_moment_then_resume(tmp_path, seed):
     proc.wait()
     every_file_loads(tmp_path)
     done = torch.load(tmp_path / "models" / "r" / "resume.pt", weights_only=True)["step"]
-    result = subprocess.run([sys.executable, str(ROOT / "ddpm_conditional.py"), *TINY, *RUN, "--epochs", str(epochs),
-                             "--resume"], cwd=tmp_path, capture_output=True, text=True)
+    assert done < epochs * steps_per_epoch, "the kill came after the end: it tested nothing"
+    result = finish(tmp_path, ["--epochs", str(epochs), "--resume"])
     assert result.returncode == 0, result.stderr
     every_file_loads(tmp_path)
     state = torch.load(tmp_path / "models" / "r" / "resume.pt", weights_only=True)
@@ -139,24 +153,33 @@ def test_kill_9_at_a_random_moment_then_resume(tmp_path, seed):
 
 
 def test_ctrl_c_mid_epoch_saves_and_resume_finishes_like_an_uninterrupted_run(tmp_path):
+    """Ctrl-C as soon as the first mid-epoch checkpoint (step 2) is on disk: 38 steps, and 19 more checkpoints, are
+    left for the signal to land in. The uninterrupted run trains alongside, in its own folder and process."""
+    epochs, steps = 10, 10 * 4
     (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
-    reference = subprocess.run([sys.executable, str(ROOT / "ddpm_conditional.py"), *TINY, *RUN, "--epochs", "40"],
-                               cwd=tmp_path / "a", capture_output=True, text=True)
-    assert reference.returncode == 0, reference.stderr
-    proc = start(tmp_path / "b", ["--epochs", "40", "--save_every", "2"])
-    wait_for(tmp_path / "b" / "models" / "r" / "resume.pt")
-    proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 128 + signal.SIGINT, err
-    assert "Resume with: python ddpm_conditional.py --resume --run_name r" in err and "Traceback" not in err
-    interrupted = torch.load(tmp_path / "b" / "models" / "r" / "resume.pt", weights_only=True)
-    assert interrupted["step"] < 160
-    result = subprocess.run([sys.executable, str(ROOT / "ddpm_conditional.py"), *TINY, *RUN, "--epochs", "40",
-                             "--resume"], cwd=tmp_path / "b", capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr
+    with open(tmp_path / "a.log", "w") as log:
+        reference = subprocess.Popen([sys.executable, str(ROOT / "ddpm_conditional.py"), *TINY, *RUN, "--epochs",
+                                      str(epochs)], cwd=tmp_path / "a", stdout=log, stderr=subprocess.STDOUT,
+                                     env=one_thread())
+    try:
+        proc = start(tmp_path / "b", ["--epochs", str(epochs), "--save_every", "2"])
+        wait_for(tmp_path / "b" / "models" / "r" / "resume.pt")
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+        assert proc.returncode == 128 + signal.SIGINT, err
+        assert "Resume with: python ddpm_conditional.py --resume --run_name r" in err and "Traceback" not in err
+        interrupted = torch.load(tmp_path / "b" / "models" / "r" / "resume.pt", weights_only=True)
+        assert interrupted["step"] < steps
+        result = finish(tmp_path / "b", ["--epochs", str(epochs), "--resume"])
+        assert result.returncode == 0, result.stderr
+        assert reference.wait(timeout=120) == 0, (tmp_path / "a.log").read_text()[-3000:]
+    finally:
+        if reference.poll() is None:
+            reference.kill()
+            reference.wait()
     for name in ("ckpt.pt", "ema_ckpt.pt"):
         assert_same_weights(weights(tmp_path / "a", name), weights(tmp_path / "b", name), exact=False)
-    assert tensorboard_steps(tmp_path / "b") == list(range(160))
+    assert tensorboard_steps(tmp_path / "b") == list(range(steps))
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(in_tmp, monkeypatch, capsys):

@@ -19,7 +19,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from utils import HelpFormatter, UserError, as_posix_relative, load_checkpoint, run_main, save_json, update_readme_block
+from utils import (HelpFormatter, UserError, as_posix_relative, load_checkpoint, run_main, save_json,
+                   update_readme_block, whole)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -44,6 +45,7 @@ def run_point(args: argparse.Namespace, variant: str, flags: str, epochs: int, s
         train += ["--resume"] if resume.is_file() else []
         evaluate = [sys.executable, str(ROOT / "evaluate.py"), "--run", f"models/{run}", "--n", str(args.n),
                     "--out_dir", str(report_dir), *shlex.split(args.eval_flags)]
+        evaluate += ["--judge_epochs", str(args.judge_epochs)] if args.judge_epochs else []
         log.parent.mkdir(parents=True, exist_ok=True)
         for command in ([] if done else [train]) + [evaluate]:
             print("$", shlex.join(command[1:]), flush=True)
@@ -90,6 +92,7 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
 def readme_lines(args: argparse.Namespace, rows: list[dict], figure: Path) -> list[str]:
     variants = " ".join(f"--variant {shlex.quote(f'{v}={f}')}" for v, f in args.variant)
     eval_flags = f"--eval_flags {shlex.quote(args.eval_flags)} " if args.eval_flags else ""
+    eval_flags += f"--judge_epochs {args.judge_epochs} " if args.judge_epochs else ""
     command = (f"python -m tools.frontier --name {args.name} --dataset {args.dataset} --precision {args.precision} "
                f"--epochs {' '.join(map(str, args.epochs))} --seeds {' '.join(map(str, args.seeds))} {variants} "
                f"{eval_flags}--readme {as_posix_relative(args.readme)}")
@@ -119,6 +122,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--eval_flags", default="",
                    help="more flags for evaluate.py, e.g. one sampling setting for every run (default: none, each "
                         "run at its recommended settings)")
+    p.add_argument("--judge_epochs", type=whole(1), default=None,
+                   help="evaluate.py's --judge_epochs: the epochs of each run's judge, trained once and kept in the "
+                        "run (default: evaluate.py's)")
     p.add_argument("--readme", default=None,
                    help="rewrite the block frontier_NAME of this markdown file (README.md or a page of docs/)")
     args = p.parse_args(argv)
