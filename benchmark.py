@@ -78,7 +78,7 @@ def peak_matmul(dtype: torch.dtype, device: torch.device, max_n: int, budget_s: 
 ATTENTION_OPS = ("scaled_dot_product", "bmm", "softmax")
 
 
-def profiled(fn, device: torch.device, repeats: int = 3) -> tuple[float, str]:
+def profiled(fn, device: torch.device, repeats: int) -> tuple[float, str]:
     """(share of the time spent in attention operators, table of the top operators) over `repeats` calls."""
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=activities) as prof:
@@ -184,7 +184,7 @@ def benchmark(args: argparse.Namespace) -> dict:
         steps.append(timed(lambda: trainer.train_step(images, labels), device, 1, warmup=0))
         nearby_peaks.append(product_flops / timed(product, device, 1, warmup=0))
     step, peaks[precision] = statistics.median(steps), statistics.median(nearby_peaks)
-    attention_time, top_ops = profiled(lambda: trainer.train_step(images, labels), device)
+    attention_time, top_ops = profiled(lambda: trainer.train_step(images, labels), device, min(3, args.repeats))
     if args.profile:
         print(top_ops)
 
@@ -331,7 +331,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sampler", choices=ddpm.SAMPLERS, default=None,
                    help=f"time this sampler at --sample_steps (default: the grids', {ddpm.DEFAULT_SAMPLER})")
     p.add_argument("--sample_steps", type=whole(1), default=ddpm.DEFAULT_STEPS, help="steps of --sampler")
-    p.add_argument("--repeats", type=whole(1), default=5, help="timed training steps (median)")
+    p.add_argument("--repeats", type=whole(1), default=5, help="timed training steps (median); the profiler sees up to 3")
     p.add_argument("--sample_n", type=whole(1), default=16, help="images per sampling measurement")
     p.add_argument("--matmul_size", type=whole(1), default=4096,
                    help="side of the square matmuls that measure the peak")
