@@ -312,11 +312,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image_size", type=whole(8), default=16, help="side of the square images")
     p.add_argument("--c_in", type=int, choices=[1, 3, 4], default=1, help="image channels")
     p.add_argument("--width", type=whole(4), default=32, help="base channel width of the UNet")
-    p.add_argument("--channel_mult", type=whole(1), nargs=3, default=list(ORIGINAL_MULT), metavar=("M2", "M4", "M8"),
-                   help="the UNet's widths at 1/2, 1/4 and 1/8 of the side, as multiples of --width")
-    p.add_argument("--attention", type=int, nargs="*", choices=[1, 2, 4, 8], default=list(ORIGINAL_ATTENTION),
-                   metavar="FACTOR", help="where the UNet attends, as downsampling factors (1 = full resolution)")
-    p.add_argument("--heads", type=whole(1), default=4, help="attention heads")
+    shape = dict(channel_mult=list(ORIGINAL_MULT), attention=list(ORIGINAL_ATTENTION), heads=4)
+    ddpm.add_shape_args(p, lambda flag: f"(default: the original's, {shape[flag]})", **shape)
     p.add_argument("--batch_size", type=whole(1), default=64, help="images per training step")
     p.add_argument("--unconditional", dest="conditional", action="store_false",
                    help="benchmark ddpm.py's step instead of ddpm_conditional.py's")

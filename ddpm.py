@@ -10,6 +10,7 @@ import numbers
 import signal
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -802,6 +803,19 @@ RECIPES = {
 DATASETS = ("digits", "emoji", "mnist", "fashion_mnist", "cifar10")
 
 
+def add_shape_args(p: argparse.ArgumentParser, default: Callable[[str], str], **defaults) -> None:
+    """The UNet's shape flags, for the training scripts (defaults None: the recipe's) and benchmark.py (`defaults`);
+    `default(flag)` words the default in the help."""
+    p.add_argument("--channel_mult", type=whole(1), nargs=3, metavar=("M2", "M4", "M8"),
+                   help="the UNet's widths at 1/2, 1/4 and 1/8 of the side, as multiples of --width (the bottleneck: "
+                        f"twice the last) {default('channel_mult')}")
+    p.add_argument("--attention", type=int, nargs="*", choices=[1, 2, 4, 8], metavar="FACTOR",
+                   help="where the UNet attends, as downsampling factors: 1 = full resolution (the costly one), 2, 4, "
+                        f"8 = the lowest; none = no attention {default('attention')}")
+    p.add_argument("--heads", type=whole(1), help=f"attention heads {default('heads')}")
+    p.set_defaults(**defaults)
+
+
 def build_parser(description: str = "Train an unconditional DDPM.", run_name: str = "DDPM_Unconditional",
                  recipes: dict = RECIPES) -> argparse.ArgumentParser:
     def recipe(key):
@@ -820,13 +834,7 @@ def build_parser(description: str = "Train an unconditional DDPM.", run_name: st
     p.add_argument("--c_in", type=int, choices=[1, 3, 4], default=None,
                    help="image channels: 1, 3 or 4 (default: from the data)")
     p.add_argument("--width", type=whole(4), default=None, help=f"base channel width of the UNet {recipe('width')}")
-    p.add_argument("--channel_mult", type=whole(1), nargs=3, default=None, metavar=("M2", "M4", "M8"),
-                   help="the UNet's widths at 1/2, 1/4 and 1/8 of the side, as multiples of --width (the bottleneck: "
-                        f"twice the last) {recipe('channel_mult')}")
-    p.add_argument("--attention", type=int, nargs="*", choices=[1, 2, 4, 8], default=None, metavar="FACTOR",
-                   help="where the UNet attends, as downsampling factors: 1 = full resolution (the costly one), 2, 4, "
-                        f"8 = the lowest; none = no attention {recipe('attention')}")
-    p.add_argument("--heads", type=whole(1), default=None, help=f"attention heads {recipe('heads')}")
+    add_shape_args(p, recipe)
     p.add_argument("--input_skip", action=argparse.BooleanOptionalAction, default=True,
                    help="1x1 conv from x_t past the first GroupNorm, so the UNet sees the scale of x_t (DDIM needs "
                         "it); --no-input_skip trains the original's exact network")

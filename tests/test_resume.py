@@ -104,15 +104,18 @@ def one_thread() -> dict:
     return {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
+def command(argv) -> list[str]:
+    return [sys.executable, str(ROOT / "ddpm_conditional.py"), *TINY, *RUN, *argv]
+
+
 def start(folder, argv, **kw):
-    return subprocess.Popen([sys.executable, str(ROOT / "ddpm_conditional.py"), *TINY, *RUN, *argv], cwd=folder,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=one_thread(), **kw)
+    return subprocess.Popen(command(argv), cwd=folder, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=one_thread(), **kw)
 
 
 def finish(folder, argv):
     """Run ddpm_conditional.py to its end."""
-    return subprocess.run([sys.executable, str(ROOT / "ddpm_conditional.py"), *TINY, *RUN, *argv], cwd=folder,
-                          capture_output=True, text=True, env=one_thread())
+    return subprocess.run(command(argv), cwd=folder, capture_output=True, text=True, env=one_thread())
 
 
 def wait_for(path, timeout=60):
@@ -158,9 +161,8 @@ def test_ctrl_c_mid_epoch_saves_and_resume_finishes_like_an_uninterrupted_run(tm
     epochs, steps = 10, 10 * 4
     (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
     with open(tmp_path / "a.log", "w") as log:
-        reference = subprocess.Popen([sys.executable, str(ROOT / "ddpm_conditional.py"), *TINY, *RUN, "--epochs",
-                                      str(epochs)], cwd=tmp_path / "a", stdout=log, stderr=subprocess.STDOUT,
-                                     env=one_thread())
+        reference = subprocess.Popen(command(["--epochs", str(epochs)]), cwd=tmp_path / "a", stdout=log,
+                                     stderr=subprocess.STDOUT, env=one_thread())
     try:
         proc = start(tmp_path / "b", ["--epochs", str(epochs), "--save_every", "2"])
         wait_for(tmp_path / "b" / "models" / "r" / "resume.pt")
