@@ -803,16 +803,16 @@ RECIPES = {
 DATASETS = ("digits", "emoji", "mnist", "fashion_mnist", "cifar10")
 
 
-def add_shape_args(p: argparse.ArgumentParser, default: Callable[[str], str], **defaults) -> None:
-    """The UNet's shape flags, for the training scripts (defaults None: the recipe's) and benchmark.py (`defaults`);
-    `default(flag)` words the default in the help."""
+def add_shape_args(p: argparse.ArgumentParser, default: Callable[[str], str] = lambda flag: "", **defaults) -> None:
+    """The UNet's shape flags, for the training scripts (defaults None, `default(flag)` wording the recipes' in the
+    help) and benchmark.py (`defaults`, shown by the help's formatter)."""
     p.add_argument("--channel_mult", type=whole(1), nargs=3, metavar=("M2", "M4", "M8"),
                    help="the UNet's widths at 1/2, 1/4 and 1/8 of the side, as multiples of --width (the bottleneck: "
-                        f"twice the last) {default('channel_mult')}")
+                        f"twice the last) {default('channel_mult')}".rstrip())
     p.add_argument("--attention", type=int, nargs="*", choices=[1, 2, 4, 8], metavar="FACTOR",
                    help="where the UNet attends, as downsampling factors: 1 = full resolution (the costly one), 2, 4, "
-                        f"8 = the lowest; none = no attention {default('attention')}")
-    p.add_argument("--heads", type=whole(1), help=f"attention heads {default('heads')}")
+                        f"8 = the lowest; none = no attention {default('attention')}".rstrip())
+    p.add_argument("--heads", type=whole(1), help=f"attention heads {default('heads')}".rstrip())
     p.set_defaults(**defaults)
 
 
