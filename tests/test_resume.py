@@ -133,26 +133,47 @@ def every_file_loads(folder):
     json.loads((run / "run.json").read_text())
 
 
-@pytest.mark.parametrize("seed", [0, 1, 2])
-def test_kill_9_at_a_random_moment_then_resume(tmp_path, seed):
-    """Checkpoint every step, kill -9 somewhere, check what is on disk, resume to the end. The kill lands within
-    1.5 s of the first checkpoint; the 32 steps take longer than that (3 s here), so it lands mid-run."""
-    epochs, steps_per_epoch = 8, 4
-    proc = start(tmp_path, ["--epochs", str(epochs), "--save_every", "1"])
-    wait_for(tmp_path / "models" / "r" / "resume.pt")
-    time.sleep(random.Random(seed).uniform(0, 1.5))
-    proc.kill()
-    proc.wait()
-    every_file_loads(tmp_path)
-    done = torch.load(tmp_path / "models" / "r" / "resume.pt", weights_only=True)["step"]
-    assert done < epochs * steps_per_epoch, "the kill came after the end: it tested nothing"
-    result = finish(tmp_path, ["--epochs", str(epochs), "--resume"])
-    assert result.returncode == 0, result.stderr
-    every_file_loads(tmp_path)
-    state = torch.load(tmp_path / "models" / "r" / "resume.pt", weights_only=True)
-    assert state["step"] == epochs * steps_per_epoch and state["epoch"] == epochs
-    assert f"step {done}" in result.stdout
-    assert tensorboard_steps(tmp_path) == list(range(epochs * steps_per_epoch))  # continuous, no repeats
+def test_kill_9_at_random_moments_then_resume(tmp_path):
+    """Three runs side by side, each checkpointing every step and killed with kill -9 at its own random moment
+    within 1.5 s of its first checkpoint; check what is on disk, then resume each to the end. The 32 steps take
+    longer than that (3 s alone, more three at a time), so each kill lands mid-run."""
+    epochs, steps = 8, 8 * 4
+    folders = [tmp_path / str(seed) for seed in range(3)]
+    for folder in folders:
+        folder.mkdir()
+    runs = [start(folder, ["--epochs", str(epochs), "--save_every", "1"]) for folder in folders]
+    try:
+        kill_at = {}  # the index of a run -> when its kill is due
+        deadline = time.time() + 60
+        while any(run.poll() is None for run in runs):
+            assert time.time() < deadline, "a run never wrote its first checkpoint"
+            for seed, (folder, run) in enumerate(zip(folders, runs)):
+                if seed not in kill_at and (folder / "models" / "r" / "resume.pt").exists():
+                    kill_at[seed] = time.time() + random.Random(seed).uniform(0, 1.5)
+                if run.poll() is None and time.time() >= kill_at.get(seed, math.inf):
+                    run.kill()
+                    run.wait()
+            time.sleep(0.02)
+    finally:
+        for run in runs:
+            run.kill()
+            run.wait()
+    for run in runs:
+        assert run.returncode == -signal.SIGKILL, run.stderr.read()[-3000:]
+    done = []
+    for folder in folders:
+        every_file_loads(folder)
+        done.append(torch.load(folder / "models" / "r" / "resume.pt", weights_only=True)["step"])
+        assert done[-1] < steps, "the kill came after the end: it tested nothing"
+    resumed = [start(folder, ["--epochs", str(epochs), "--resume"]) for folder in folders]
+    for folder, run, step in zip(folders, resumed, done):
+        out, err = run.communicate(timeout=120)
+        assert run.returncode == 0, err
+        every_file_loads(folder)
+        state = torch.load(folder / "models" / "r" / "resume.pt", weights_only=True)
+        assert state["step"] == steps and state["epoch"] == epochs
+        assert f"step {step}" in out
+        assert tensorboard_steps(folder) == list(range(steps))  # continuous, no repeats
 
 
 def test_ctrl_c_mid_epoch_saves_and_resume_finishes_like_an_uninterrupted_run(tmp_path):
