@@ -192,8 +192,10 @@ def test_the_frontier_tool_trains_evaluates_reuses_and_reports(in_tmp, capsys, m
     readme.parent.mkdir()
     readme.write_text("<!-- frontier_tiny:start -->\n<!-- frontier_tiny:end -->\n")
     tiny = "--limit 64 --width 8 --image_size 16 --noise_steps 20 --sample_every 0 --cfg_scale 2"
-    argv = ["--name", "tiny", "--epochs", "1", "--precision", "fp32", "--n", "20", "--judge_epochs", "1",
-            "--variant", f"eps={tiny} --prediction eps", "--variant", f"v={tiny} --prediction v", "--readme", str(readme)]
+    common = ["--name", "tiny", "--epochs", "1", "--precision", "fp32", "--n", "20", "--judge_epochs", "1",
+              "--readme", str(readme)]
+    v = ["--variant", f"v={tiny} --prediction v"]
+    argv = [*common, "--variant", f"eps={tiny} --prediction eps", *v]
     frontier.main(argv)
     evaluations = [line for line in capsys.readouterr().out.splitlines() if "evaluate.py" in line]
     assert len(evaluations) == 2 and all(line.endswith("--judge_epochs 1") for line in evaluations)
@@ -214,10 +216,10 @@ def test_the_frontier_tool_trains_evaluates_reuses_and_reports(in_tmp, capsys, m
     stamp = (v_run / "resume.pt").stat().st_mtime_ns, own_report.stat().st_mtime_ns
     frontier.main(argv)
     assert ((v_run / "resume.pt").stat().st_mtime_ns, own_report.stat().st_mtime_ns) == stamp
-    # one setting for every run: the runs are evaluated again (not trained), into their own folder
-    frontier.main(argv + ["--eval_flags", "--cfg_scale 4 --guidance_interval 5 19"])
+    # one setting for every run (here the v run alone): evaluated again (not trained), into its own folder
+    frontier.main([*common, *v, "--eval_flags", "--cfg_scale 4 --guidance_interval 5 19"])
     rows = json.loads((in_tmp / "results" / "frontier_tiny.json").read_text())
-    assert [r["setting"] for r in rows] == ["dpmpp2m-15, cfg 4 at t 5..19"] * 2
+    assert [(r["variant"], r["setting"]) for r in rows] == [("v", "dpmpp2m-15, cfg 4 at t 5..19")]
     assert (own_report.parent / "cfg_scale_4_guidance_interval_5_19" / "eval.json").is_file()
     assert ((v_run / "resume.pt").stat().st_mtime_ns, own_report.stat().st_mtime_ns) == stamp
     assert "--eval_flags '--cfg_scale 4 --guidance_interval 5 19'" in readme.read_text()
