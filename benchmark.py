@@ -312,8 +312,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image_size", type=whole(8), default=16, help="side of the square images")
     p.add_argument("--c_in", type=int, choices=[1, 3, 4], default=1, help="image channels")
     p.add_argument("--width", type=whole(4), default=32, help="base channel width of the UNet")
-    shape = dict(channel_mult=list(ORIGINAL_MULT), attention=list(ORIGINAL_ATTENTION), heads=4)
-    ddpm.add_shape_args(p, **shape)  # the original's
+    # the shape flags, defaulting to the original's network
+    ddpm.add_shape_args(p, channel_mult=list(ORIGINAL_MULT), attention=list(ORIGINAL_ATTENTION), heads=4)
     p.add_argument("--batch_size", type=whole(1), default=64, help="images per training step")
     p.add_argument("--unconditional", dest="conditional", action="store_false",
                    help="benchmark ddpm.py's step instead of ddpm_conditional.py's")
