@@ -330,8 +330,9 @@ def evaluate(args: argparse.Namespace) -> dict:
     settings = [{**s, "guidance_interval": interval} for s in settings]
     unique = list({setting_name(s): s for s in settings}.values())
 
-    labels = torch.arange(model.num_classes).repeat(math.ceil(args.n / model.num_classes))[:args.n] if conditional else None
+    labels = class_mix(y_held, args.n, model.num_classes) if conditional else None
     asked = torch.full((args.n,), -1) if args.unconditional else labels  # -1: no label
+    rows = min(10, int(torch.bincount(labels).min()) if conditional else args.n // 10)  # full rows of the grids
     denoisers = {"model": model}
     if args.exact:
         device = next(model.parameters()).device
@@ -346,11 +347,11 @@ def evaluate(args: argparse.Namespace) -> dict:
                                         args.precision, s["guidance_interval"])
             results.append({**s, **score(samples, labels, judge, real, len(classes)), "seconds_per_image": seconds,
                             "nfe": len(diffusion.timesteps(s["steps"]))})
-            per_row = model.num_classes if conditional else 10
-            grids[setting_name(s)] = samples[:min(10, len(samples) // per_row) * per_row]
+            grids[setting_name(s)] = samples[:rows * (model.num_classes if conditional else 10)]
             print(format_row(results[-1], conditional), flush=True)
 
     report = {"run": str(run_dir), "n": args.n, "sweep": args.sweep, "held_out": len(x_held), "ema": not args.no_ema,
+              "samples_per_class": torch.bincount(labels).tolist() if conditional else None,
               "training": training_record(run_dir),
               "judge_accuracy_held_out": judge_accuracy, "floor": floor, "results": results,
               "inception_fid": inception_fid(args, model, diffusion, asked, cfg_scale, x_held)}
@@ -367,8 +368,28 @@ def evaluate(args: argparse.Namespace) -> dict:
     return report
 
 
+def class_mix(held_labels: torch.Tensor, n: int, num_classes: int) -> torch.Tensor:
+    """The n labels to sample, in the held-out images' class proportions (largest remainders, ties to the lower
+    class; a class left without a sample takes one from the largest when n allows), dealt in rounds 0..K-1 of the
+    classes still owed.
+
+    The proportions are the real data's so that FD compares like with like, and accuracy is comparable with the
+    judge's own on those images: with uniform labels an imbalanced dataset (60% of the emoji are People & Body)
+    scores a mismatch of class mixes as bad samples. Balanced data gives exactly arange(K) repeated.
+    """
+    exact = n * torch.bincount(held_labels, minlength=num_classes).double() / len(held_labels)
+    quota = exact.floor().long()
+    by_remainder = sorted(range(num_classes), key=lambda c: (-(exact[c] - quota[c]).item(), c))
+    quota[by_remainder[:n - int(quota.sum())]] += 1
+    for c in range(num_classes) if n >= num_classes else []:
+        if quota[c] == 0:
+            quota[c], quota[quota.argmax()] = 1, quota.max() - 1
+    rounds = [[c for c in range(num_classes) if quota[c] > r] for r in range(int(quota.max()))]
+    return torch.tensor([c for r in rounds for c in r])
+
+
 def sorted_by_label(images: torch.Tensor, conditional: bool, model) -> torch.Tensor:
-    """Grid order: one row per class (labels cycle 0..K-1 in the sample batch)."""
+    """Grid order: one row per class (the first rounds of the sample labels hold every class, 0..K-1)."""
     if not conditional:
         return images
     k = model.num_classes

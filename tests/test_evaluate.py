@@ -6,6 +6,7 @@ import torch
 import ddpm
 import ddpm_conditional
 import evaluate
+from conftest import write_images
 from utils import UserError, load_dataset
 
 
@@ -92,6 +93,47 @@ def test_exact_denoiser_recovers_the_noise_and_its_samples_are_training_images()
     assert (labels[distances.argmin(1)] == torch.tensor([0, 0, 0, 1, 1, 1])).all()  # of the asked class
 
 
+def test_sample_labels_follow_the_held_out_class_mix():
+    balanced = torch.arange(10).repeat(50)  # the digits' held-out labels
+    for n in (1, 7, 25, 1000):  # balanced data: the labels cycle through the classes, as before the mix
+        assert torch.equal(evaluate.class_mix(balanced, n, 10), torch.arange(10).repeat(n // 10 + 1)[:n])
+    emoji_like = torch.tensor([0] * 16 + [1] * 226 + [2] * 8)  # one big class, one very small
+    labels = evaluate.class_mix(emoji_like, 1000, 3)
+    assert torch.bincount(labels).tolist() == [64, 904, 32]  # the held-out shares, 16:226:8
+    assert labels[:6].tolist() == [0, 1, 2, 0, 1, 2]  # the grid's first rows hold every class
+    assert torch.bincount(evaluate.class_mix(torch.tensor([0] * 97 + [1] * 2 + [2]), 10, 3)).tolist() == [8, 1, 1]
+    # a class without held-out images (a model with more classes than the data) still gets a sample at n >= K
+    assert torch.bincount(evaluate.class_mix(torch.tensor([0, 0, 1]), 9, 4)).tolist() == [4, 3, 1, 1]
+    assert len(evaluate.class_mix(emoji_like, 2, 3)) == 2
+
+
+def test_fd_of_a_wrong_class_mix_is_not_the_floor(digits_and_judge):
+    """Why the labels follow the data: real images in another class mix than the held-out ones score far above the
+    floor, so uniform labels on an imbalanced dataset would count the mix as bad samples."""
+    x_train, y_train, x_held, y_held, judge, _ = digits_and_judge
+    held = torch.cat([torch.nonzero(y_held == c).flatten()[:50 if c == 0 else 5] for c in range(10)])  # 50% zeros
+    held_feats = judge.embed(x_held[held])[0]
+    uniform = torch.cat([torch.nonzero(y_train == c).flatten()[:50] for c in range(10)])
+    mixed = torch.cat([torch.nonzero(y_train == c).flatten()[:450 if c == 0 else 50] for c in range(10)])
+    fd_uniform = evaluate.frechet_distance(judge.embed(x_train[uniform])[0], held_feats)
+    fd_mixed = evaluate.frechet_distance(judge.embed(x_train[mixed])[0], held_feats)
+    assert fd_uniform > 3 * fd_mixed
+
+
+def test_evaluate_samples_an_imbalanced_folder_in_its_class_mix(in_tmp):
+    """A folder run of 30 + 10 images: 3 + 1 held out, so 3:1 of the samples (at least one of each class)."""
+    write_images(in_tmp / "data" / "big", 30, seed=0)
+    write_images(in_tmp / "data" / "small", 10, seed=1)
+    ddpm_conditional.main(["--dataset_path", "data", "--width", "8", "--image_size", "16", "--noise_steps", "20",
+                           "--epochs", "1", "--sample_every", "0", "--precision", "fp32"])
+    report = evaluate.evaluate(evaluate.build_parser().parse_args(
+        ["--run", "models/DDPM_conditional", "--n", "20", "--sampler", "ddim", "--steps", "5", "--judge_epochs", "1"]))
+    assert report["samples_per_class"] == [15, 5]
+    per_class = report["results"][0]["accuracy_per_class"]
+    assert report["results"][0]["accuracy"] == pytest.approx((15 * per_class[0] + 5 * per_class[1]) / 20)
+    assert (in_tmp / "results" / "DDPM_conditional" / "eval_samples.png").is_file()
+
+
 def test_evaluate_end_to_end_writes_report_plots_and_readme(in_tmp, monkeypatch):
     monkeypatch.setattr(evaluate, "CFG_SWEEP", [1, 3.5])
     monkeypatch.setattr(evaluate, "STEPS_SWEEP", [("ddim", 5), ("dpmpp2m", 5), ("ddpm", 5), ("ddpm", None)])
@@ -105,6 +147,7 @@ def test_evaluate_end_to_end_writes_report_plots_and_readme(in_tmp, monkeypatch)
          "--judge_epochs", "1", "--exact"]))
     saved = json.loads((in_tmp / "results" / "DDPM_conditional" / "eval.json").read_text())
     assert saved["results"][0]["accuracy"] == report["results"][0]["accuracy"]
+    assert saved["samples_per_class"] == [2] * 10  # 64 stratified digits: a balanced held-out split
     names = [evaluate.setting_name(r) for r in saved["results"]]
     model_names = ["ddim-5 cfg 3.5", "ddim-5 cfg 1", "dpmpp2m-5 cfg 3.5", "ddpm-5 cfg 3.5", "ddpm-all cfg 3.5"]
     assert names == [f"{n} t 8-19" for n in model_names] + [f"{n} t 8-19 exact" for n in model_names]

@@ -223,3 +223,10 @@ def test_the_frontier_tool_trains_evaluates_reuses_and_reports(in_tmp, capsys, m
     assert (own_report.parent / "cfg_scale_4_guidance_interval_5_19" / "eval.json").is_file()
     assert ((v_run / "resume.pt").stat().st_mtime_ns, own_report.stat().st_mtime_ns) == stamp
     assert "--eval_flags '--cfg_scale 4 --guidance_interval 5 19'" in readme.read_text()
+    # a report from before the samples followed the data's class mix is stale: evaluated again, not trained
+    stale = json.loads(own_report.read_text())
+    del stale["samples_per_class"]
+    own_report.write_text(json.dumps(stale))
+    frontier.main([*common, *v])
+    assert (v_run / "resume.pt").stat().st_mtime_ns == stamp[0]
+    assert json.loads(own_report.read_text())["samples_per_class"] == [2] * 10

@@ -39,7 +39,9 @@ def run_point(args: argparse.Namespace, variant: str, flags: str, epochs: int, s
     resume = Path("models") / run / "resume.pt"
     log = Path("results") / f"{run}.log"
     done = resume.is_file() and load_checkpoint(resume)["epoch"] >= epochs
-    if not (done and report_file.is_file()):
+    # a report from before the samples followed the data's class mix (no samples_per_class) is evaluated again
+    current = report_file.is_file() and "samples_per_class" in json.loads(report_file.read_text())
+    if not (done and current):
         train = [sys.executable, str(ROOT / "ddpm_conditional.py"), "--dataset", args.dataset, "--epochs", str(epochs),
                  "--run_name", run, "--seed", str(seed), "--precision", args.precision, *shlex.split(flags)]
         train += ["--resume"] if resume.is_file() else []
