@@ -790,7 +790,8 @@ RECIPES = {
     "mnist": dict(image_size=16, epochs=5, sample_every=1, **_SMALL),
     "fashion_mnist": dict(image_size=16, epochs=5, sample_every=1, **_SMALL),
     # 3,400 colour icons at 32x32, 1,700 steps: what fits 30 minutes on 2 CPU cores (27 with bf16). In so few
-    # steps v-prediction with Min-SNR learns shapes where the original's objective leaves blobs (README, RGB)
+    # steps v-prediction with Min-SNR learns shapes where the original's objective leaves blobs (docs/emoji.md);
+    # ddpm_conditional.py's recipe trains a cheaper shape for more steps
     "emoji": {**_SMALL, "image_size": 32, "epochs": 32, "sample_every": 5, "prediction": "v", "loss_weight": "min_snr"},
     # GPU-sized: the DDPM paper's CIFAR-10 setting (32x32, batch 128, lr 2e-4 after a 5,000-step warm-up),
     # for 117k of its 800k steps; days on a CPU

@@ -301,6 +301,9 @@ def evaluate(args: argparse.Namespace) -> dict:
     if given and not conditional:
         raise UserError(f"{', '.join(given)} guide a class-conditional model towards a class: "
                         f"{'--unconditional asks for none' if has_labels else f'{run_dir} is unconditional'}")
+    # the sampling flags given, for the README block's command (the rest are the run's own, recorded in run.json)
+    given_sampling = "".join(f"--{k} {v:g} " if isinstance(v, float) else f"--{k} {v} "
+                             for k in ("sampler", "steps", "cfg_scale") if (v := getattr(args, k)) is not None)
     fill_sampling(args, model, conditional)
     steps = full_chain(args.steps, args.sampler, diffusion)
     try:
@@ -352,6 +355,7 @@ def evaluate(args: argparse.Namespace) -> dict:
 
     report = {"run": str(run_dir), "n": args.n, "sweep": args.sweep, "held_out": len(x_held), "ema": not args.no_ema,
               "samples_per_class": torch.bincount(labels).tolist() if conditional else None,
+              "sampling_flags": given_sampling,
               "training": training_record(run_dir),
               "judge_accuracy_held_out": judge_accuracy, "floor": floor, "results": results,
               "inception_fid": inception_fid(args, model, diffusion, asked, cfg_scale, x_held)}
@@ -381,9 +385,9 @@ def class_mix(held_labels: torch.Tensor, n: int, num_classes: int) -> torch.Tens
     quota = exact.floor().long()
     by_remainder = sorted(range(num_classes), key=lambda c: (-(exact[c] - quota[c]).item(), c))
     quota[by_remainder[:n - int(quota.sum())]] += 1
-    for c in range(num_classes) if n >= num_classes else []:
-        if quota[c] == 0:
-            quota[c], quota[quota.argmax()] = 1, quota.max() - 1
+    for c in torch.nonzero(quota == 0).flatten().tolist() if n >= num_classes else []:
+        quota[quota.argmax()] -= 1
+        quota[c] = 1
     rounds = [[c for c in range(num_classes) if quota[c] > r] for r in range(int(quota.max()))]
     return torch.tensor([c for r in rounds for c in r])
 
@@ -526,7 +530,8 @@ def write_readme(readme: Path, report: dict, conditional: bool, out_dir: Path, b
     head = "accuracy" if conditional else "class entropy"
     exact = any(r["denoiser"] == "exact" for r in report["results"])
     interval = report["results"][0]["guidance_interval"]
-    flags = (f"--guidance_interval {interval[0]} {interval[1]} " if interval else "") + ("--exact " if exact else "")
+    flags = report.get("sampling_flags", "") + (f"--guidance_interval {interval[0]} {interval[1]} " if interval else "")
+    flags += "--exact " if exact else ""
     flags += ("" if report["ema"] else "--no_ema ") + ("" if block == "results" else f"--readme_block {block} ")
     training = report.get("training")
     trained = (f" The run trained {training['steps']:,} steps in {training['minutes']:.1f} minutes "

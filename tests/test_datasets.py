@@ -102,7 +102,11 @@ def test_a_tiny_conditional_emoji_run_and_its_evaluation_data(in_tmp):
     assert state["inc.double_conv.0.weight"].shape[1] == 3 and state["label_emb.weight"].shape[0] == 9
     x_train, y_train, x_held, y_held, classes = evaluate.real_images(config)
     assert x_train.shape == (3400, 3, 16, 16) and x_held.shape == (373, 3, 16, 16) and len(classes) == 9
-    assert ddpm_conditional.parse_args(["--dataset", "emoji"]).image_size == 32  # the emoji recipe
+    # the emoji recipe: 32x32, 80 epochs of a UNet that attends at 1/4 and 1/8 of the side only, recorded in run.json
+    assert config["model_args"]["attention"] == [4, 8] and config["model_args"]["channel_mult"] == [2, 4, 4]
+    emoji = ddpm_conditional.parse_args(["--dataset", "emoji"])
+    assert (emoji.image_size, emoji.epochs, emoji.attention, emoji.cfg_scale) == (32, 80, [4, 8], 2)
+    assert ddpm.parse_args(["--dataset", "emoji"]).attention == [1, 2, 4, 8]  # unconditional: the original's shape
 
 
 def test_the_folder_recipe_keeps_the_originals_objective_and_ema(tmp_path):

@@ -160,7 +160,7 @@ def test_evaluate_end_to_end_writes_report_plots_and_readme(in_tmp, monkeypatch)
         assert (in_tmp / "results" / "DDPM_conditional" / f).is_file()
     text = readme.read_text()
     assert "old" not in text and text.endswith("<!-- results:end -->\ntail\n") and "| ddim-5 | 3.5 (t 8-19) |" in text
-    assert "| ddim-5 (exact denoiser) | 3.5 (t 8-19) |" in text and "--sweep all --guidance_interval 8 19 --exact" in text
+    assert "| ddim-5 (exact denoiser) | 3.5 (t 8-19) |" in text and "--sweep all --sampler ddim --steps 5 --guidance_interval 8 19 --exact" in text
     # the frontier: each sampler's accuracy, FD and time per image at each count of network evaluations
     frontier = text[text.index("| sampler | 5 | 19 |"):].splitlines()
     first = {r["sampler"]: r for r in saved["results"][:5] if r["steps"] == 5 and r["cfg_scale"] == 3.5}

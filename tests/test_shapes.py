@@ -12,7 +12,7 @@ from modules import UNet, UNet_conditional
 from utils import UserError, run_main
 
 SHAPES = {
-    "no full-resolution attention": ["--attention", "2", "4", "8"],
+    "the emoji recipe's (attention at 1/4 and 1/8 only)": ["--attention", "4", "8"],
     "the DDPM paper's CIFAR-10 (attention at 1/2 only)": ["--attention", "2", "--channel_mult", "2", "2", "2"],
     "no attention, 2 heads": ["--attention", "--heads", "2", "--channel_mult", "1", "2", "3"],
 }
