@@ -115,7 +115,8 @@ def test_options_are_recorded_and_a_v_run_loads_as_v(in_tmp):
 
 def test_the_conditional_digits_recipe_uses_the_options_and_recommends_guidance_at_high_noise(in_tmp):
     """`python ddpm_conditional.py`: v-prediction, Min-SNR, the power EMA, 40 epochs, and guidance 3.5 at the noisiest
-    60% of the steps recorded as the run's sampling settings; every other recipe keeps the original's."""
+    60% of the steps recorded as the run's sampling settings; the emoji guide at 2 (docs/emoji.md), every other recipe
+    as the original did."""
     args = ddpm_conditional.parse_args([])
     assert (args.prediction, args.loss_weight, args.ema_power, args.epochs) == ("v", "min_snr", 6.94, 40)
     assert (args.cfg_scale, args.guidance_interval) == (3.5, [400, 999])
@@ -123,9 +124,9 @@ def test_the_conditional_digits_recipe_uses_the_options_and_recommends_guidance_
     assert ddpm_conditional.parse_args(["--guidance_interval", "0", "999"]).guidance_interval == [0, 999]
     unconditional = ddpm.parse_args([])
     assert (unconditional.prediction, unconditional.loss_weight, unconditional.epochs) == ("eps", "none", 60)
-    for flags in (["--dataset", "emoji"], ["--dataset", "mnist"], ["--dataset_path", "data"]):
+    for flags, scale in ((["--dataset", "emoji"], 2.0), (["--dataset", "mnist"], 3.0), (["--dataset_path", "data"], 3.0)):
         other = ddpm_conditional.parse_args(flags)
-        assert (other.cfg_scale, other.guidance_interval) == (3.0, None), flags
+        assert (other.cfg_scale, other.guidance_interval) == (scale, None), flags
     ddpm_conditional.main([*TINY, "--limit", "20", "--batch_size", "10", "--epochs", "1", "--sample_every", "0"])
     config = json.loads((in_tmp / "models" / "DDPM_conditional" / "run.json").read_text())
     assert config["diffusion_args"]["prediction"] == "v"
