@@ -73,10 +73,12 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
 
     fig, (acc, fd) = plt.subplots(1, 2, figsize=(10, 3.8))
     for variant in dict.fromkeys(r["variant"] for r in rows):
-        points = sorted((r for r in rows if r["variant"] == variant), key=lambda r: r["minutes"])
-        minutes = [r["minutes"] for r in points]
-        acc.plot(minutes, [100 * r["accuracy"] for r in points], "o-", label=variant)
-        fd.plot(minutes, [r["fd"] / r["floor"] for r in points], "o-", label=variant)
+        seeds = sorted({r["seed"] for r in rows if r["variant"] == variant})
+        for seed in seeds:  # a line joins the epochs of one seed; seeds are repeats, not a trend
+            points = sorted((r for r in rows if (r["variant"], r["seed"]) == (variant, seed)), key=lambda r: r["minutes"])
+            minutes, label = [r["minutes"] for r in points], variant if len(seeds) == 1 else f"{variant}, seed {seed}"
+            acc.plot(minutes, [100 * r["accuracy"] for r in points], "o-", label=label)
+            fd.plot(minutes, [r["fd"] / r["floor"] for r in points], "o-", label=label)
     acc.axhline(100 * rows[0]["judge_accuracy"], color="gray", ls="--", lw=1, label="judge, real images")
     fd.axhline(3, color="gray", ls="--", lw=1, label="3x the floor")
     acc.set(xlabel="training minutes", ylabel="judged the asked class (%)", title=title)
