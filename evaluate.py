@@ -335,7 +335,8 @@ def evaluate(args: argparse.Namespace) -> dict:
 
     labels = class_mix(y_held, args.n, model.num_classes) if conditional else None
     asked = torch.full((args.n,), -1) if args.unconditional else labels  # -1: no label
-    rows = min(10, int(torch.bincount(labels).min()) if conditional else args.n // 10)  # full rows of the grids
+    per_class = torch.bincount(labels, minlength=model.num_classes).tolist() if conditional else None
+    rows = min(10, min(per_class) if conditional else args.n // 10)  # full rows of the grids
     denoisers = {"model": model}
     if args.exact:
         device = next(model.parameters()).device
@@ -354,7 +355,7 @@ def evaluate(args: argparse.Namespace) -> dict:
             print(format_row(results[-1], conditional), flush=True)
 
     report = {"run": str(run_dir), "n": args.n, "sweep": args.sweep, "held_out": len(x_held), "ema": not args.no_ema,
-              "samples_per_class": torch.bincount(labels).tolist() if conditional else None,
+              "samples_per_class": per_class,
               "sampling_flags": given_sampling,
               "training": training_record(run_dir),
               "judge_accuracy_held_out": judge_accuracy, "floor": floor, "results": results,

@@ -39,9 +39,9 @@ def run_point(args: argparse.Namespace, variant: str, flags: str, epochs: int, s
     resume = Path("models") / run / "resume.pt"
     log = Path("results") / f"{run}.log"
     done = resume.is_file() and load_checkpoint(resume)["epoch"] >= epochs
+    report = json.loads(report_file.read_text()) if report_file.is_file() else {}
     # a report from before the samples followed the data's class mix (no samples_per_class) is evaluated again
-    current = report_file.is_file() and "samples_per_class" in json.loads(report_file.read_text())
-    if not (done and current):
+    if not (done and "samples_per_class" in report):
         train = [sys.executable, str(ROOT / "ddpm_conditional.py"), "--dataset", args.dataset, "--epochs", str(epochs),
                  "--run_name", run, "--seed", str(seed), "--precision", args.precision, *shlex.split(flags)]
         train += ["--resume"] if resume.is_file() else []
@@ -54,7 +54,7 @@ def run_point(args: argparse.Namespace, variant: str, flags: str, epochs: int, s
             with open(log, "a") as f:
                 if subprocess.run(command, stdout=f, stderr=subprocess.STDOUT).returncode:
                     raise UserError(f"'{shlex.join(command[1:])}' failed: see {log}")
-    report = json.loads(report_file.read_text())
+        report = json.loads(report_file.read_text())
     main = report["results"][0]
     guidance = (f", cfg {main['cfg_scale']:g}" + (" at t {}..{}".format(*main["guidance_interval"])
                                                   if main["guidance_interval"] else "")) if main["cfg_scale"] else ""
