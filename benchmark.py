@@ -34,8 +34,10 @@ from torch.utils.flop_counter import FlopCounterMode
 import ddpm
 import ddpm_conditional
 from modules import ORIGINAL_ATTENTION, ORIGINAL_MULT, SelfAttention
-from utils import (ArgumentParser, UserError, add_runtime_args, autocast_dtype, cpu_has_native, cpu_supports,
-                   pick_device, precision_name, run_main, save_json, update_readme_block, whole)
+from devices import autocast_dtype, cpu_has_native, cpu_supports, pick_device, precision_name
+from runs import add_runtime_args, ArgumentParser, run_main, save_json, whole
+from utils import UserError
+from tools.readme import update_readme_block
 
 
 def sync(device: torch.device) -> None:

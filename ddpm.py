@@ -23,11 +23,12 @@ from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 from modules import ORIGINAL_ATTENTION, ORIGINAL_MULT, UNet
-from utils import (ArgumentParser, SeededSampler, StopRequest, UserError, add_runtime_args, autocast, autocast_dtype,
-                   barrier, check_new_run, close_loader, gather, get_data, init_distributed, load_checkpoint,
-                   make_grid, parse_run_args, pick_device, precision_name, resume_command, run_main,
-                   save_checkpoint, save_images, save_json, seed_everything, setup_logging, square_nrow,
-                   tensor_bytes, real, whole, write_error)
+from devices import (autocast, autocast_dtype, barrier, gather, init_distributed, pick_device, precision_name,
+                     seed_everything)
+from runs import (add_runtime_args, ArgumentParser, check_new_run, load_checkpoint, parse_run_args, real,
+                  resume_command, run_main, save_checkpoint, save_json, setup_logging, StopRequest, tensor_bytes,
+                  whole, write_error)
+from utils import close_loader, get_data, make_grid, save_images, SeededSampler, square_nrow, UserError
 
 
 SAMPLERS = ("ddpm", "ddim", "dpmpp2m")

@@ -14,7 +14,8 @@ import torch.nn as nn
 
 import ddpm
 from modules import EMA, UNet_conditional
-from utils import UserError, parse_run_args, real, run_main, whole
+from runs import parse_run_args, real, run_main, whole
+from utils import UserError
 
 
 CFG_SCALE = 3.0  # the original's guidance scale

@@ -21,9 +21,10 @@ import evaluate
 import sample
 from ddpm_conditional import add_guidance_args
 from ddpm import DEFAULT_SAMPLER, DEFAULT_STEPS, SAMPLERS, to_images
-from utils import (ArgumentParser, CHANNEL_MODES, UserError, add_runtime_args, autocast, autocast_dtype, inspect_image,
-                   open_image, real, read_folder, run_main, save_images, seed_everything, transforms, update_readme_block,
-                   whole, writable_folder)
+from devices import autocast, autocast_dtype, seed_everything
+from runs import add_runtime_args, ArgumentParser, real, run_main, whole, writable_folder
+from utils import CHANNEL_MODES, inspect_image, open_image, read_folder, save_images, transforms, UserError
+from tools.readme import update_readme_block
 
 
 # --------------------------------------------------------------------------- inputs

@@ -25,10 +25,12 @@ from tqdm import tqdm
 from ddpm import SAMPLERS
 from ddpm_conditional import check_guidance_interval
 from sample import add_sampler_args, fill_sampling, full_chain, load
-from utils import (ArgumentParser, ImageFiles, UserError, add_runtime_args, as_posix_relative, autocast, autocast_dtype,
-                   grid_array, labels_of, load_checkpoint, load_dataset, read_folder, readme_block, run_main,
-                   save_checkpoint, save_images, save_json, seed_everything, split_held_out, to_model_range,
-                   transforms, update_readme_block, whole, writable_folder)
+from devices import autocast, autocast_dtype, seed_everything
+from runs import (add_runtime_args, ArgumentParser, load_checkpoint, run_main, save_checkpoint, save_json, whole,
+                  writable_folder)
+from utils import (as_posix_relative, grid_array, ImageFiles, labels_of, load_dataset, read_folder, save_images,
+                   split_held_out, to_model_range, transforms, UserError)
+from tools.readme import readme_block, update_readme_block
 
 CFG_SWEEP = [1, 2, 3, 4, 5, 6, 7]  # 1 = unguided; a scale <= 0 is treated as 1, so 0 would repeat it
 # Every sampler at these network evaluations (one per step, a guided one included), and the original's chain.

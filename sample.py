@@ -20,8 +20,9 @@ import ddpm
 import ddpm_conditional
 from ddpm_conditional import CFG_SCALE, add_guidance_args
 from modules import UNet, UNet_conditional
-from utils import (ArgumentParser, Pickled, UserError, add_runtime_args, autocast, autocast_dtype, load_checkpoint,
-                   pick_device, real, run_main, save_images, seed_everything, square_nrow, whole, writable_folder)
+from devices import autocast, autocast_dtype, pick_device, seed_everything
+from runs import add_runtime_args, ArgumentParser, load_checkpoint, Pickled, real, run_main, whole, writable_folder
+from utils import save_images, square_nrow, UserError
 
 
 FIRST_CONV = "inc.double_conv.0.weight"  # every UNet of this project and of the original has it: where one begins

@@ -1,17 +1,10 @@
-"""Data loading, devices, logging, checkpoints and image saving for the training scripts."""
-import argparse
+"""Data loading (the named datasets and users' folders), image grids and saving, for the training scripts."""
 import itertools
-import json
 import math
 import os
-import random
-import re
-import shutil
 import signal
 import sys
 import tempfile
-import time
-import zipfile
 from collections import Counter, defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,8 +16,6 @@ from PIL import Image, ImageOps
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset, TensorDataset
 from tqdm import tqdm
 
-from modules import shape_problem
-
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm",
                     ".pbm", ".pnm", ".tga")
 CHANNEL_MODES = {1: "L", 3: "RGB", 4: "RGBA"}
@@ -32,306 +23,6 @@ CHANNEL_MODES = {1: "L", 3: "RGB", 4: "RGBA"}
 
 class UserError(Exception):
     """A mistake in the command line or the data: printed as one line, without a traceback."""
-
-
-def run_main(main) -> None:
-    """Call `main()`; a UserError becomes one line on stderr and exit status 2, Ctrl-C exit status 130."""
-    try:
-        main()
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        sys.exit(130)
-    finally:
-        # under torchrun: close the process group before the interpreter tears it down, which can abort
-        # ("terminate called without an active exception") and fail a finished run
-        if dist.is_initialized():
-            dist.destroy_process_group()
-
-
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """--help with each flag's default, except where there is none to show: None (the help text says
-    what decides the value) and on/off switches."""
-
-    def _get_help_string(self, action: argparse.Action) -> str:
-        if action.default is None or isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
-            return action.help
-        return super()._get_help_string(action)
-
-
-class ArgumentParser(argparse.ArgumentParser):
-    """argparse with the project's --help, whose errors are one line naming the flag (a UserError), not a usage."""
-
-    def __init__(self, description: str | None = None, **kwargs):
-        super().__init__(description=description, formatter_class=HelpFormatter, **kwargs)
-
-    def error(self, message: str):
-        raise UserError(re.sub(r"^argument ([^:/ ]+)\S*: ", r"\1 ", message))
-
-
-def whole(minimum: int | None = None):
-    """An argparse type: a whole number, at least `minimum`."""
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"must be a whole number, got '{text}'")
-        if minimum is not None and value < minimum:
-            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
-        return value
-    return parse
-
-
-def real(minimum: float | None = None, positive: bool = False):
-    """An argparse type: a finite number, at least `minimum`, or with `positive` above 0."""
-    def parse(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"must be a number, got '{text}'")
-        if not math.isfinite(value):
-            raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
-        if positive and value <= 0:
-            raise argparse.ArgumentTypeError(f"must be positive, got {text}")
-        if minimum is not None and value < minimum:
-            raise argparse.ArgumentTypeError(f"must be at least {minimum:g}, got {text}")
-        return value
-    return parse
-
-
-def add_runtime_args(p: argparse.ArgumentParser) -> None:
-    """--device, --precision and --seed, as every script takes them."""
-    p.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps")
-    p.add_argument("--precision", choices=["auto", *PRECISIONS], default="auto", help=PRECISION_HELP)
-    p.add_argument("--seed", type=whole(), default=0, help="random seed: the same seed gives the same results")
-
-
-# --------------------------------------------------------------------------- command line, resuming
-
-def parse_run_args(parser: argparse.ArgumentParser, argv: list[str] | None, recipes: dict,
-                   original_options: dict) -> argparse.Namespace:
-    """A training script's arguments: parse, fill the data-dependent defaults from `recipes[--dataset]` (or
-    ["folder"]; a value may be a function of the other arguments), and check the values. A resumed run keeps its
-    own options, and gets `original_options` for those it predates."""
-    args = parser.parse_args(argv)
-    if args.resume and args.overwrite:
-        raise UserError("--resume continues a run and --overwrite deletes it: give one of them")
-    if args.resume:
-        args = resumed_args(parser, argv, args, original_options)
-    if args.dataset and args.dataset_path:
-        raise UserError(f"--dataset {args.dataset} and --dataset_path both name the data: give one of them")
-    if args.dataset_path is None:
-        args.dataset = args.dataset or "digits"
-    for key, value in recipes[args.dataset or "folder"].items():
-        if getattr(args, key) is None and not (args.resume and key in original_options):  # a resumed run's None stays
-            setattr(args, key, value(args) if callable(value) else value)
-    if args.image_size % 8:
-        raise UserError(f"--image_size {args.image_size} must be a positive multiple of 8 (the UNet halves it 3 times)")
-    args.attention = sorted(set(args.attention))  # a set of levels: in any order, once each
-    problem = shape_problem(args.width, args.channel_mult, args.attention, args.heads)
-    if problem:
-        raise UserError(f"--{problem}: change --width, --channel_mult or --heads")
-    args.command = " ".join(sys.argv) if argv is None else " ".join(["ddpm.py", *argv])
-    return args
-
-
-# What a resumed run may not change: the model and the data (and so the meaning of a step).
-LOCKED = ("dataset", "dataset_path", "image_size", "c_in", "width", "channel_mult", "attention", "heads", "input_skip",
-          "noise_steps", "schedule",
-          "prediction", "num_classes", "limit", "batch_size", "label_drop")
-
-
-def resumed_args(parser: argparse.ArgumentParser, argv: list[str] | None, args: argparse.Namespace,
-                 original_options: dict) -> argparse.Namespace:
-    """The saved run's arguments, overridden by the flags given now; changing a LOCKED one is an error. A run
-    saved before an option existed was trained without it: it gets the original's value, not today's recipe's."""
-    path = Path("models") / args.run_name / "resume.pt"
-    if not path.is_file():
-        raise UserError(f"nothing to resume: {path} does not exist (check --run_name, or drop --resume)")
-    saved = {**original_options, **load_checkpoint(path)["args"]}
-    world_size, saved_world_size = int(os.environ.get("WORLD_SIZE", 1)), saved.get("world_size", 1)
-    if world_size != saved_world_size:  # the global batch, and with it every step, would change
-        raise UserError(f"{args.run_name} was trained by {saved_world_size} process(es), this is {world_size}: "
-                        f"resume with the same number, {resume_command(argparse.Namespace(**saved), saved_world_size)}")
-    # argparse only fills defaults for attributes the namespace lacks: flags given now win, the rest is the run's
-    merged = parser.parse_args(argv, namespace=argparse.Namespace(**saved))
-    changed = [f"--{k} {getattr(merged, k)} (the run has {saved[k]})" for k in LOCKED
-               if k in saved and getattr(merged, k) != saved[k]]
-    if changed:
-        raise UserError(f"a resumed run keeps its model and data: {', '.join(changed)}; "
-                        f"start a new --run_name to change them")
-    merged.resume = True
-    return merged
-
-
-def resume_command(args: argparse.Namespace, world_size: int) -> str:
-    """The command that continues this run: python for one process, torchrun with as many for several."""
-    script = "ddpm_conditional.py" if hasattr(args, "num_classes") else "ddpm.py"
-    launcher = "python"
-    if world_size > 1:
-        per_node = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
-        launcher = f"torchrun --nproc_per_node {per_node}"
-        if per_node != world_size:
-            launcher = f"torchrun --nnodes {world_size // per_node} --nproc_per_node {per_node} <rendezvous flags>"
-    return f"{launcher} {script} --resume --run_name {args.run_name}"
-
-
-class StopRequest:
-    """Ctrl-C and SIGTERM as a request to finish the step, save and exit. A second signal more than `echo` seconds
-    after the first quits at once (checkpoints stay intact); sooner, it is the same request again: a job scheduler
-    signals every process and torchrun forwards its own signal on top."""
-
-    def __init__(self, world_size: int, echo: float = 5.0):
-        self.signal, self.time, self.echo, self.previous = None, 0.0, echo, {}
-        # under torchrun the processes agree over a CPU (gloo) group: asking every step costs no device sync
-        self.group = dist.new_group(backend="gloo") if world_size > 1 else None
-
-    def listen(self) -> None:
-        self.previous = {s: signal.signal(s, self.handle) for s in (signal.SIGINT, signal.SIGTERM)}
-
-    def restore(self) -> None:
-        for s, handler in self.previous.items():
-            signal.signal(s, handler)
-
-    def handle(self, signum, frame) -> None:
-        if self.signal is not None:
-            if time.monotonic() - self.time > self.echo:
-                raise KeyboardInterrupt
-            return
-        self.signal, self.time = signum, time.monotonic()
-        print(f"\n{signal.Signals(signum).name}: finishing this step and saving (again after {self.echo:g} s to quit "
-              f"at once)", file=sys.stderr)
-
-    def requested(self) -> bool:
-        """Whether any process got a stop signal (collective under torchrun)."""
-        stop = torch.tensor(float(self.signal is not None))
-        if self.group is not None:
-            dist.all_reduce(stop, op=dist.ReduceOp.MAX, group=self.group)
-        return bool(stop)
-
-
-# --------------------------------------------------------------------------- devices, seeds
-
-def pick_device(name: str | None = None) -> torch.device:
-    """The requested device, or the best available one (CUDA, then Apple MPS, then CPU)."""
-    if name in (None, "", "auto"):
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UserError(f"unknown device '{name}': use cpu, cuda, cuda:N, mps or auto")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"device '{name}' is not available on this machine (no CUDA): use --device cpu or auto")
-    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise UserError(f"device '{name}' does not exist: this machine has {torch.cuda.device_count()} CUDA device(s)")
-    if device.type == "mps" and not torch.backends.mps.is_available():
-        raise UserError(f"device '{name}' is not available on this machine (no Apple MPS): use --device cpu or auto")
-    return device
-
-
-def cpu_has_native(dtype: torch.dtype) -> bool:
-    """Whether this CPU computes in `dtype` natively: bf16 with AVX512-BF16 or AMX, fp16 with AMX-FP16.
-
-    Elsewhere PyTorch emulates them: on an AVX2 CPU a bf16 matmul runs at about 1 GFLOP/s
-    (fp32: 130) and the default training step 17 times slower than in fp32.
-    """
-    features = {torch.bfloat16: ("avx512_bf16", "amx_tile"), torch.float16: ("amx_fp16",)}[dtype]
-    return any(cpu_supports(feature) for feature in features)
-
-
-def cpu_supports(feature: str) -> bool:
-    """torch.cpu's check for an instruction-set extension ("avx512_bf16", "amx_tile", ...); False where this
-    version of PyTorch has no such check."""
-    return getattr(torch.cpu, f"_is_{feature}_supported", lambda: False)()
-
-
-# The compute capability from which an NVIDIA GPU has tensor cores for a dtype: bf16 from Ampere
-# (8.0), fp16 from Volta (7.0). Older GPUs emulate bf16 (torch.cuda.is_bf16_supported() still says
-# yes) and run fp16 without tensor cores.
-CUDA_NATIVE_FROM = {torch.bfloat16: (8, 0), torch.float16: (7, 0)}
-
-
-def has_native(dtype: torch.dtype, device: torch.device) -> bool:
-    """Whether `device` computes in `dtype` natively: for CUDA the GPU asked for, not the current one."""
-    if device.type == "cuda":
-        return torch.cuda.get_device_capability(device) >= CUDA_NATIVE_FROM[dtype]
-    return device.type == "cpu" and cpu_has_native(dtype)
-
-
-PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}  # --precision: autocast dtype
-PRECISION_HELP = ("autocast precision; auto = bf16 where the hardware computes it natively (CPUs with AVX512-BF16 "
-                  "or AMX, GPUs of compute capability 8.0+), fp16 with loss scaling on GPUs of compute capability "
-                  "7.x (fp16 tensor cores, no bf16), else fp32")
-
-
-def precision_name(dtype: torch.dtype | None) -> str:
-    """The --precision name of an autocast dtype (None: fp32)."""
-    return next(name for name, d in PRECISIONS.items() if d == dtype)
-
-
-def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype for `--precision` (None means plain fp32); see PRECISION_HELP for auto."""
-    if precision == "auto":
-        # fp16 only on GPUs: the CPUs that have it natively (AMX-FP16) have bf16 too
-        candidates = (torch.bfloat16, torch.float16) if device.type == "cuda" else (torch.bfloat16,)
-        return next((dtype for dtype in candidates if has_native(dtype, device)), None)
-    dtype = PRECISIONS[precision]
-    if dtype is not None and device.type in ("cpu", "cuda") and not has_native(dtype, device):
-        if device.type == "cpu":
-            lacks = f"this CPU has no native {precision} arithmetic, so PyTorch emulates it, many times slower than fp32"
-        else:
-            major, minor = torch.cuda.get_device_capability(device)
-            lacks = (f"this GPU (compute capability {major}.{minor}) has no {precision} tensor cores, so it runs "
-                     f"slowly or emulated")
-        print(f"warning: {lacks}; --precision auto picks {precision_name(autocast_dtype('auto', device))} here",
-              file=sys.stderr)
-    return dtype
-
-
-def autocast(device: torch.device, dtype: torch.dtype | None):
-    """Mixed precision in `dtype` on `device`, or plain fp32 for None: the one place autocast is set up."""
-    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
-
-
-def init_distributed(device: torch.device) -> tuple[int, int, torch.device]:
-    """(rank, world_size, device). Under torchrun, even with one process: one device per local rank,
-    and the process group from the environment (nccl on CUDA, gloo on CPU). A plain `python` run is
-    rank 0 of 1, without a process group."""
-    if "WORLD_SIZE" not in os.environ:
-        return 0, 1, device
-    if device.type == "cuda":
-        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-        torch.cuda.set_device(device)
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return dist.get_rank(), dist.get_world_size(), device
-
-
-def barrier() -> None:
-    """Wait for every process (a no-op outside torchrun)."""
-    if dist.is_initialized():
-        dist.barrier()
-
-
-def gather(obj) -> list:
-    """Every process's `obj`, in rank order (a list of one outside torchrun)."""
-    if not dist.is_initialized():
-        return [obj]
-    objects = [None] * dist.get_world_size()
-    dist.all_gather_object(objects, obj)
-    return objects
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
 
 
 # --------------------------------------------------------------------------- data
@@ -610,6 +301,11 @@ def describe_conversion(infos: list[ImageInfo], channels: int) -> str:
     return line + ("; converted: " + ", ".join(notes) if notes else "")
 
 
+def as_posix_relative(path: str | Path, start: str | Path = ".") -> str:
+    """`path` relative to `start`, with forward slashes: how a markdown file in `start` links to it."""
+    return Path(os.path.relpath(path, start)).as_posix()
+
+
 def listing(paths: list[Path], root: Path, shown: int = 5) -> str:
     names = [as_posix_relative(p, root) for p in paths[:shown]]
     return ", ".join(names) + (f" and {len(paths) - shown} more" if len(paths) > shown else "")
@@ -802,46 +498,6 @@ def close_loader(loader: DataLoader) -> None:
         loader._iterator = None
 
 
-# --------------------------------------------------------------------------- files
-
-RUN_FOLDERS = ("models", "results", "runs")  # checkpoints, sample grids, TensorBoard events
-
-
-def check_new_run(run_name: str, overwrite: bool) -> None:
-    """Refuse to start a run over an earlier one's files, unless `overwrite` (then setup_logging deletes them)."""
-    used = [f"{top}/{run_name}" for top in RUN_FOLDERS
-            if (Path(top) / run_name).is_dir() and any(p.is_file() for p in (Path(top) / run_name).rglob("*"))]
-    if not used or overwrite:
-        return
-    resumable = (Path("models") / run_name / "resume.pt").is_file()
-    raise UserError(f"{' and '.join(used)} already hold{'s' if len(used) == 1 else ''} a run: "
-                    + ("continue it with --resume, " if resumable else "")
-                    + f"choose another --run_name, or pass --overwrite to delete {'it' if len(used) == 1 else 'them'}"
-                    " and start again")
-
-
-def setup_logging(run_name: str, overwrite: bool = False) -> None:
-    """Create models/<run_name>, results/<run_name> and runs/<run_name> (emptied first if `overwrite`),
-    and check they are writable."""
-    for top in RUN_FOLDERS:
-        folder = Path(top) / run_name
-        if overwrite and folder.is_dir():
-            shutil.rmtree(folder)
-        writable_folder(folder, "run from a writable folder")
-
-
-def writable_folder(folder: str | Path, fix: str = "give another place") -> Path:
-    """Create `folder` and its parents, and check that a file can be written there: before the work, not after."""
-    folder = Path(folder)
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=folder):
-            pass
-    except OSError as e:
-        raise UserError(f"cannot write to '{folder}' ({e.strerror}): {fix}")
-    return folder
-
-
 def atomic_write(path: str | Path, write) -> None:
     """Write a file so that it is either the old or the complete new one, even if killed midway.
 
@@ -862,98 +518,6 @@ def atomic_write(path: str | Path, write) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-
-
-def tensor_bytes(obj) -> int:
-    """The bytes of every tensor in a (nested) state dict: about what torch.save writes."""
-    if isinstance(obj, torch.Tensor):
-        return obj.numel() * obj.element_size()
-    if isinstance(obj, dict):
-        return sum(tensor_bytes(v) for v in obj.values())
-    if isinstance(obj, (list, tuple)):
-        return sum(tensor_bytes(v) for v in obj)
-    return 0
-
-
-def write_error(e: OSError, folder: Path, needed: int) -> str:
-    """One line for a failed write: what went wrong where, and the space it needs beside what is free."""
-    free = shutil.disk_usage(folder).free if folder.exists() else 0
-    return (f"could not write to {folder} ({e.strerror}): it needs about {needed / 1e6:.1f} MB there and "
-            f"{free / 1e6:.1f} MB are free; what was written before is intact")
-
-
-def save_checkpoint(obj, path: str | Path) -> None:
-    atomic_write(path, lambda f: torch.save(obj, f))
-
-
-def save_json(obj, path: str | Path) -> None:
-    atomic_write(path, lambda f: f.write((json.dumps(obj, indent=2) + "\n").encode()))
-
-
-def readme_block(path: str | Path, name: str) -> tuple[str, str, str, str, str]:
-    """A markdown file split around its `<!-- name:start -->` ... `<!-- name:end -->` block: (head, start marker,
-    body, end marker, tail); a UserError when there is no such block."""
-    path = Path(path)
-    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
-    text = path.read_text() if path.is_file() else ""
-    if start not in text or end not in text:
-        raise UserError(f"{path} has no '{start}' ... '{end}' block to fill")
-    head, rest = text.split(start, 1)
-    body, tail = rest.split(end, 1)
-    return head, start, body, end, tail
-
-
-def update_readme_block(path: str | Path, name: str, new_body) -> None:
-    """Rewrite the text between `<!-- name:start -->` and `<!-- name:end -->` as new_body(old_body), atomically."""
-    head, start, body, end, tail = readme_block(path, name)
-    atomic_write(path, lambda f: f.write(f"{head}{start}\n{new_body(body)}\n{end}{tail}".encode()))
-    print(f"updated {path}")
-
-
-def as_posix_relative(path: str | Path, start: str | Path = ".") -> str:
-    """`path` relative to `start`, with forward slashes: how a markdown file in `start` links to it."""
-    return Path(os.path.relpath(path, start)).as_posix()
-
-
-class Pickled:
-    """Stands in for every class a checkpoint names (a model saved whole, `torch.save(model)`): it keeps the state
-    unpickling hands it and runs nothing, so the weights can be read without executing code from the file."""
-
-    def __init__(self, *args, **kwargs):
-        self.state = None
-
-    def __setstate__(self, state):
-        self.state = state
-
-
-def load_checkpoint(path: str | Path, map_location="cpu", objects: bool = False):
-    """torch.load with weights_only=True: a checkpoint can hold tensors and plain data, never code. With `objects`,
-    the classes a file names (a pickled model) are read as inert `Pickled` stand-ins, their code never run."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"checkpoint '{path}' does not exist")
-    try:
-        return torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:
-        error = e
-    if not zipfile.is_zipfile(path):
-        raise UserError(f"'{path}' is not a checkpoint in torch.save's format (a zip archive)")
-    # A file that names classes or functions: torch's advice, to load it unsafely, is never the way here.
-    names = []
-    if "weights only" in str(error).lower():
-        names = torch.serialization.get_unsafe_globals_in_checkpoint(path)
-    if not names:
-        raise UserError(f"'{path}' is not a readable checkpoint ({first_line(error)})")
-    if not objects:
-        raise UserError(f"'{path}' is not a readable checkpoint: it holds Python objects ({', '.join(names[:3])}), "
-                        f"not only tensors, and this project reads weights only")
-    stand_ins = [(type(name.rsplit(".", 1)[-1], (Pickled,), {}), name) for name in names]
-    try:
-        with torch.serialization.safe_globals(stand_ins):
-            return torch.load(path, map_location=map_location, weights_only=True)
-    except Exception:
-        raise UserError(f"'{path}' is not a readable checkpoint: it holds Python objects ({', '.join(names[:3])}) "
-                        f"that cannot be read without running their code; save the model's state_dict() instead")
 
 
 def first_line(e: BaseException) -> str:

@@ -14,7 +14,7 @@ import evaluate
 import sample
 from conftest import write_images
 from modules import UNet, UNet_conditional
-from utils import run_main
+from runs import run_main
 
 TINY = ["--width", "8", "--image_size", "16", "--noise_steps", "20", "--batch_size", "8", "--device", "cpu",
         "--sample_every", "0"]

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from conftest import write_images
-from utils import UserError, get_data, load_dataset
+from utils import get_data, load_dataset, UserError
 
 
 def data_args(**kw):

@@ -12,7 +12,8 @@ import ddpm
 import ddpm_conditional
 import evaluate
 from conftest import write_images
-from utils import EMOJI_GROUPS, load_dataset, run_main
+from runs import run_main
+from utils import EMOJI_GROUPS, load_dataset
 
 TINY = ["--width", "8", "--image_size", "16", "--precision", "fp32", "--noise_steps", "20", "--sample_every", "0",
         "--epochs", "1"]

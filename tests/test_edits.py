@@ -13,7 +13,8 @@ import edit
 from ddpm import Diffusion, repaint_path, slerp
 from evaluate import ExactDenoiser
 from modules import UNet, UNet_conditional
-from utils import load_dataset, run_main
+from runs import run_main
+from utils import load_dataset
 
 
 @pytest.fixture(scope="module")

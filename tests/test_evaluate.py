@@ -7,7 +7,7 @@ import ddpm
 import ddpm_conditional
 import evaluate
 from conftest import write_images
-from utils import UserError, load_dataset
+from utils import load_dataset, UserError
 
 
 def test_frechet_distance_of_gaussians_matches_closed_form():

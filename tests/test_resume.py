@@ -16,7 +16,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 import ddpm
 import ddpm_conditional
 from conftest import ROOT, write_images
-from utils import run_main
+from runs import run_main
 
 # 32 digits, batch 8: 4 steps an epoch; log every step so that TensorBoard shows every step
 TINY = ["--width", "8", "--image_size", "16", "--precision", "fp32", "--noise_steps", "50", "--limit", "32",

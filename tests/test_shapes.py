@@ -9,7 +9,8 @@ import benchmark
 import ddpm_conditional
 import sample
 from modules import UNet, UNet_conditional
-from utils import UserError, run_main
+from runs import run_main
+from utils import UserError
 
 SHAPES = {
     "the emoji recipe's (attention at 1/4 and 1/8 only)": ["--attention", "4", "8"],

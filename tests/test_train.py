@@ -11,7 +11,8 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 import ddpm
 from conftest import ROOT, write_images
 from modules import UNet
-from utils import autocast_dtype, run_main
+from devices import autocast_dtype
+from runs import run_main
 
 TINY = ["--width", "8", "--image_size", "16", "--precision", "fp32", "--noise_steps", "100", "--sample_steps", "5"]
 

@@ -16,7 +16,7 @@ import pytest
 from PIL import Image
 
 from conftest import ROOT, write_images
-from utils import UserError, open_image, read_folder
+from utils import open_image, read_folder, UserError
 
 RNG = np.random.default_rng(0)
 

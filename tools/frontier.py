@@ -19,8 +19,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from utils import (HelpFormatter, UserError, as_posix_relative, load_checkpoint, run_main, save_json,
-                   update_readme_block, whole)
+from runs import HelpFormatter, load_checkpoint, run_main, save_json, whole
+from utils import as_posix_relative, UserError
+from tools.readme import update_readme_block
 
 ROOT = Path(__file__).resolve().parents[1]
 

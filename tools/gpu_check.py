@@ -18,7 +18,9 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 import benchmark
 import ddpm_conditional
-from utils import autocast_dtype, load_checkpoint, load_dataset, precision_name, run_main, save_images, save_json
+from devices import autocast_dtype, precision_name
+from runs import load_checkpoint, run_main, save_json
+from utils import load_dataset, save_images
 
 # One run, resumed in every precision in turn, one epoch each: the loss scaler's state appears
 # (fp16), disappears (fp32) and has to start afresh (fp16 after fp32).

@@ -9,7 +9,8 @@ import argparse
 import os
 from pathlib import Path
 
-from utils import UserError, run_main
+from runs import run_main
+from utils import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
 
