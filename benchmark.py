@@ -4,6 +4,7 @@
     python benchmark.py --image_size 64 --c_in 3 --width 64 --batch_size 12   # the original's configuration
     python benchmark.py --json bench.json                 # also write the numbers
     python benchmark.py --image_size 64 --c_in 3 --width 64 --batch_size 12 --original   # as the original ran
+    python benchmark.py --readme docs/performance.md      # add or replace this configuration's row there
 
 It measures the machine's matmul peak (fp32 and bf16), the real training step (forward, loss,
 backward, AdamW, EMA) in images/s with its FLOPs counted by FlopCounterMode and the utilisation
@@ -33,9 +34,9 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import ddpm
 import ddpm_conditional
-from modules import ORIGINAL_ATTENTION, ORIGINAL_MULT, SelfAttention
+from modules import ORIGINAL_ATTENTION, ORIGINAL_MULT, ORIGINAL_SHAPE, SelfAttention
 from devices import autocast_dtype, cpu_has_native, cpu_supports, pick_device, precision_name
-from runs import add_runtime_args, ArgumentParser, run_main, save_json, whole
+from runs import add_runtime_args, add_shape_args, ArgumentParser, run_main, save_json, whole
 from utils import UserError
 from tools.readme import update_readme_block
 
@@ -201,7 +202,7 @@ def benchmark(args: argparse.Namespace) -> dict:
     steps = len(diffusion.timesteps(kind["steps"]))
 
     def sample(cfg_scale):
-        with trainer.autocast():
+        with trainer.run.autocast():
             if args.conditional:
                 return diffusion.sample(model, n, torch.arange(n, device=device) % 10, cfg_scale, progress=False, **kind)
             return diffusion.sample(model, n, progress=False, **kind)
@@ -297,7 +298,8 @@ def readme_row(r: dict) -> str:
 
 
 def update_readme(path: Path, r: dict) -> None:
-    """Put this configuration's row in the README's benchmark table (replacing the same device + configuration)."""
+    """Put this configuration's row in the file's benchmark block, docs/performance.md's table (replacing the same
+    device + configuration)."""
     new = readme_row(r)
     key = lambda row: row.split(" | ")[:2]
 
@@ -315,7 +317,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--c_in", type=int, choices=[1, 3, 4], default=1, help="image channels")
     p.add_argument("--width", type=whole(4), default=32, help="base channel width of the UNet")
     # the shape flags, defaulting to the original's network
-    ddpm.add_shape_args(p, channel_mult=list(ORIGINAL_MULT), attention=list(ORIGINAL_ATTENTION), heads=4)
+    add_shape_args(p, **ORIGINAL_SHAPE)
     p.add_argument("--batch_size", type=whole(1), default=64, help="images per training step")
     p.add_argument("--unconditional", dest="conditional", action="store_false",
                    help="benchmark ddpm.py's step instead of ddpm_conditional.py's")
@@ -336,7 +338,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="side of the square matmuls that measure the peak")
     p.add_argument("--profile", action="store_true", help="print torch.profiler's top operators of the training step")
     p.add_argument("--json", default=None, help="also write the results here")
-    p.add_argument("--readme", default=None, help="put the result as a row of this README's benchmark table")
+    p.add_argument("--readme", default=None,
+                   help="put the result as a row of this markdown file's benchmark table (docs/performance.md)")
     return p
 
 

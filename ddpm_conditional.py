@@ -1,6 +1,10 @@
 """Class-conditional DDPM with classifier-free guidance (Ho & Salimans 2022) and an EMA of the weights.
 
-The unconditional script plus labels, guidance and EMA: it imports ddpm.py and extends it.
+ddpm.py plus labels, guidance and the EMA: it imports ddpm.py and extends it.
+
+    Diffusion.predict_noise    classifier-free guidance: eps_uncond + s (eps_cond - eps_uncond), one forward pass
+    Trainer.predict            label dropout: each label is dropped with probability --label_drop
+    Trainer.after_step         the EMA of the weights (modules.EMA)
 
     python ddpm_conditional.py                      # the embedded digits, no download
     python ddpm_conditional.py --dataset_path ~/data/cifar10-64/train --num_classes 10 --image_size 64
@@ -14,49 +18,9 @@ import torch.nn as nn
 
 import ddpm
 from modules import EMA, UNet_conditional
+from recipes import CFG_SCALE, CONDITIONAL_ORIGINAL_OPTIONS, CONDITIONAL_RECIPES
 from runs import parse_run_args, real, run_main, whole
 from utils import UserError
-
-
-CFG_SCALE = 3.0  # the original's guidance scale
-
-
-def add_guidance_args(p: argparse.ArgumentParser, recipes: dict | None = None) -> None:
-    """--cfg_scale and --guidance_interval, as every script that samples a conditional model takes them. Their
-    defaults: the training recipes' (`recipes`), else (a script that samples a trained run) the run's recommended
-    settings."""
-    if recipes is None:
-        scale, interval = f"the run's, else {CFG_SCALE:g}", "the run's, else every step"
-    else:
-        scale = ", ".join(f"{k} {r['cfg_scale']:g}" for k, r in recipes.items())
-        interval = ", ".join(f"{k} {r['guidance_interval']}" for k, r in recipes.items()
-                             if r["guidance_interval"]) + ", others every step"
-    p.add_argument("--cfg_scale", type=real(), default=None,
-                   help=f"classifier-free guidance scale: 1 = none, <= 0 treated as 1 (default: {scale})")
-    p.add_argument("--guidance_interval", type=whole(0), nargs=2, default=None, metavar=("LO", "HI"),
-                   help=f"guide only at timesteps LO..HI, plain conditional elsewhere; 0 999 (0 to T - 1) "
-                        f"guides every step (default: {interval})")
-
-
-class Noisiest:
-    """A recipe's guidance interval: the noisiest `fraction` of the T timesteps, t = 400..999 of 1000 for 0.6 (the
-    linear betas scale with 1000 / T, so these are the same noise levels at any --noise_steps)."""
-
-    def __init__(self, fraction: float):
-        self.fraction = fraction
-
-    def __call__(self, args: argparse.Namespace) -> list[int]:
-        return [round((1 - self.fraction) * args.noise_steps), args.noise_steps - 1]
-
-    def __str__(self) -> str:
-        return "{} {} (scaled to --noise_steps)".format(*self(argparse.Namespace(noise_steps=1000)))
-
-
-def check_guidance_interval(interval: tuple[int, int] | None, noise_steps: int) -> None:
-    """ValueError unless interval is None or timesteps (lo, hi) with 0 <= lo <= hi < noise_steps."""
-    if interval is not None and not 0 <= interval[0] <= interval[1] < noise_steps:
-        raise ValueError(f"guidance_interval must be timesteps LO HI with 0 <= LO <= HI < {noise_steps}, "
-                         f"got {' '.join(map(str, interval))}")
 
 
 class Diffusion(ddpm.Diffusion):
@@ -156,10 +120,8 @@ class Trainer(ddpm.Trainer):
             raise UserError(f"--num_classes {a.num_classes} does not match the {a.num_classes_found} classes "
                             f"found in the data ({', '.join(a.class_names[:12])}): drop the flag or fix the folder")
         return UNet_conditional(c_in=a.c_in, c_out=a.c_in, num_classes=a.num_classes, width=a.width,
-                                input_skip=a.input_skip, **self.shape())
-
-    def run_config(self) -> dict:
-        return {**super().run_config(), "num_classes": self.args.num_classes}
+                                input_skip=a.input_skip, channel_mult=a.channel_mult, attention=a.attention,
+                                heads=a.heads)
 
     def sampling(self) -> dict:
         return {**super().sampling(), "cfg_scale": self.args.cfg_scale, "guidance_interval": self.args.guidance_interval}
@@ -176,49 +138,56 @@ class Trainer(ddpm.Trainer):
         """One row per class, `n_samples` columns, from the model and from the EMA model."""
         a = self.args
         labels = torch.arange(a.num_classes, device=self.device).repeat_interleave(a.n_samples)
-        with self.autocast():
+        with self.run.autocast():
             return {suffix: self.diffusion.sample(model, len(labels), labels, **self.sampling())
                     for suffix, model in (("", self.model), ("_ema", self.ema_model))}
 
-    def grid_nrow(self, images: torch.Tensor) -> int:
+    def grid_nrow(self) -> int:
         return self.args.n_samples
 
-    def state_dicts(self) -> dict[str, dict]:
-        return {**super().state_dicts(), "ema_ckpt.pt": self.ema_model.state_dict()}
+    def checkpoint(self) -> tuple[dict, dict]:
+        files, state = super().checkpoint()
+        files["ema_ckpt.pt"] = self.ema_model.state_dict()
+        return files, {**state, "ema_model": self.ema_model.state_dict(), "ema": self.ema.state_dict()}
 
-    def resume_state(self) -> dict:
-        return {**super().resume_state(), "ema_model": self.ema_model.state_dict(), "ema": self.ema.state_dict()}
-
-    def load_resume_state(self, state: dict) -> None:
-        super().load_resume_state(state)
+    def load_state(self, state: dict) -> None:
+        super().load_state(state)
         self.ema_model.load_state_dict(state["ema_model"])
         self.ema.step = state["ema"]["step"]  # beta, start and power come from the flags given now
 
 
-# The unconditional recipes with an EMA (the original's: 0.995 after 2,000 steps of copying, --ema_power 0) and
-# guidance (the original's: 3 at every step); for the digits and emoji, runs too short for the original's EMA, the
-# power EMA. The digits: v-prediction with Min-SNR, guided at high noise only, reach 99% of the asked digits at
-# FD <= 3x the floor in 40 epochs (2,800 steps; README, Faster training), in the original's network: the cheaper
-# shapes measured (docs/training.md) take 40-60% of its time for about its quality per step, which at 40 epochs
-# sits on the bar, not over it on both seeds. The original's conditional recipe for a folder: batch 14, 300
-# epochs, a grid every 10 epochs.
-ORIGINAL_OPTIONS = {**ddpm.ORIGINAL_OPTIONS, "ema_power": 0.0, "cfg_scale": CFG_SCALE, "guidance_interval": None}
-RECIPES = {name: {**ORIGINAL_OPTIONS, **recipe} for name, recipe in ddpm.RECIPES.items()}
-RECIPES["digits"].update(epochs=40, prediction="v", loss_weight="min_snr", ema_power=6.94, cfg_scale=3.5,
-                         guidance_interval=Noisiest(0.6))
-# The emoji: a UNet that attends at 8x8 and 4x4 only (a third of the original shape's step) for 80 epochs, 4,240
-# steps, in fewer minutes than the original's shape takes for 32 (1,696): more of the asked groups at a lower FD,
-# on both seeds measured; guidance 2: of the scales measured, the lowest mean FD with 1.5 (1.57 and 1.55), at 4
-# points more accuracy (docs/emoji.md). The power EMA, as for the digits.
-RECIPES["emoji"].update(epochs=80, attention=[4, 8], ema_power=6.94, cfg_scale=2.0)
-RECIPES["folder"].update(batch_size=14, epochs=300, sample_every=10)
+# --------------------------------------------------------------------------- the command line
+
+def add_guidance_args(p: argparse.ArgumentParser, recipes: dict | None = None) -> None:
+    """--cfg_scale and --guidance_interval, as every script that samples a conditional model takes them. Their
+    defaults: the training recipes' (`recipes`), else (a script that samples a trained run) the run's recommended
+    settings."""
+    if recipes is None:
+        scale, interval = f"the run's, else {CFG_SCALE:g}", "the run's, else every step"
+    else:
+        scale = ", ".join(f"{k} {r['cfg_scale']:g}" for k, r in recipes.items())
+        interval = ", ".join(f"{k} {r['guidance_interval']}" for k, r in recipes.items()
+                             if r["guidance_interval"]) + ", others every step"
+    p.add_argument("--cfg_scale", type=real(), default=None,
+                   help=f"classifier-free guidance scale: 1 = none, <= 0 treated as 1 (default: {scale})")
+    p.add_argument("--guidance_interval", type=whole(0), nargs=2, default=None, metavar=("LO", "HI"),
+                   help=f"guide only at timesteps LO..HI, plain conditional elsewhere; 0 999 (0 to T - 1) "
+                        f"guides every step (default: {interval})")
+
+
+def check_guidance_interval(interval: tuple[int, int] | None, noise_steps: int) -> None:
+    """ValueError unless interval is None or timesteps (lo, hi) with 0 <= lo <= hi < noise_steps."""
+    if interval is not None and not 0 <= interval[0] <= interval[1] < noise_steps:
+        raise ValueError(f"guidance_interval must be timesteps LO HI with 0 <= LO <= HI < {noise_steps}, "
+                         f"got {' '.join(map(str, interval))}")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = ddpm.build_parser("Train a class-conditional DDPM with classifier-free guidance.", "DDPM_conditional", RECIPES)
+    p = ddpm.build_parser("Train a class-conditional DDPM with classifier-free guidance.", "DDPM_conditional",
+                          CONDITIONAL_RECIPES)
     p.set_defaults(n_samples=8)
     p.add_argument("--num_classes", type=whole(1), default=None, help="number of classes (default: from the data)")
-    add_guidance_args(p, RECIPES)  # of the sample grids, and recommended in run.json
+    add_guidance_args(p, CONDITIONAL_RECIPES)  # of the sample grids, and recommended in run.json
     p.add_argument("--label_drop", type=real(0), default=0.1, help="probability that a sample's label is dropped")
     p.add_argument("--ema_beta", type=real(0), default=0.995, help="EMA decay per step")
     p.add_argument("--ema_start", type=whole(0), default=2000, help="steps during which the EMA only copies the model")
@@ -226,12 +195,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="instead of --ema_beta and --ema_start, the power-function EMA (Karras et al. 2024): decay "
                         "(1 - 1/t)^(GAMMA + 1) at step t, an average whose width is a fixed fraction of the run at "
                         "any length; 6.94: a tenth (sigma_rel 0.10); 0 = off "
-                        "(default: " + ", ".join(f"{k} {r['ema_power']:g}" for k, r in RECIPES.items()) + ")")
+                        "(default: " + ", ".join(f"{k} {r['ema_power']:g}" for k, r in CONDITIONAL_RECIPES.items()) + ")")
     return p
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    args = parse_run_args(build_parser(), argv, RECIPES, ORIGINAL_OPTIONS)
+    args = parse_run_args(build_parser(), argv, CONDITIONAL_RECIPES, CONDITIONAL_ORIGINAL_OPTIONS)
     if not 0 <= args.label_drop < 1:
         raise UserError(f"--label_drop must be in [0, 1), got {args.label_drop}")
     if args.ema_power < 0:

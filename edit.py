@@ -1,31 +1,211 @@
-"""Beyond sampling: inpaint, image-to-image (SDEdit), invert and interpolate with any trained run, no retraining.
+"""Beyond sampling: inpainting, image-to-image, inversion and interpolation with any trained run, no retraining.
+
+The editing methods come first: functions of a Diffusion and its trained network, built on the Diffusion's own
+steps (eps_at, ddpm_step, ddim_step, sample). Each cites its paper. The command line below runs them on image files:
 
     python edit.py inpaint --run models/DDPM_conditional --images my_digits --box 0.5 0 1 1 --labels 3
     python edit.py img2img --run models/DDPM_conditional --images sketch.png --strength 0.6 --labels 7
     python edit.py invert --run models/DDPM_conditional --images my_digits
     python edit.py interpolate --run models/DDPM_conditional --seeds 1 2 --labels 4
     python edit.py interpolate --run models/DDPM_conditional --images a.png b.png   # between two inversions
-    python edit.py measure --run models/DDPM_conditional --readme README.md         # the README's numbers
 
 --images takes image files and folders, read as a training folder is, at the run's size (resized, centre-cropped).
 Each command writes one grid (--out): a column per image, with rows input / mask / result (inpaint), input /
 result (img2img), input / x_T / decoded (invert), or the frames in a row per pair (interpolate).
+`python -m tools.measure_edits` measures the edits for docs/editing.md.
 """
 import argparse
-import time
 from pathlib import Path
 
 import torch
+import torch.nn as nn
+from tqdm import tqdm
 
-import evaluate
 import sample
 from ddpm_conditional import add_guidance_args
-from ddpm import DEFAULT_SAMPLER, DEFAULT_STEPS, SAMPLERS, to_images
+from ddpm import DEFAULT_SAMPLER, DEFAULT_STEPS, SAMPLERS, Diffusion, to_images
 from devices import autocast, autocast_dtype, seed_everything
 from runs import add_runtime_args, ArgumentParser, real, run_main, whole, writable_folder
 from utils import CHANNEL_MODES, inspect_image, open_image, read_folder, save_images, transforms, UserError
-from tools.readme import update_readme_block
 
+
+# =========================================================================== the editing methods
+# Each takes the Diffusion first and its trained network second, in the order of diffusion.sample(model, ...).
+# Images go in and come out as uint8 (N, C, H, W), as the samplers return them. A conditional Diffusion also
+# takes labels, cfg_scale and guidance_interval (**cond), passed on to its steps.
+
+def from_images(images: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """uint8 images to float x in [-1, 1] on `device`. The inverse of to_images, exact on the 256 levels."""
+    if images.dtype != torch.uint8:
+        raise ValueError(f"images must be uint8 (N, C, H, W), as the samplers return them, got {images.dtype}")
+    return images.to(device).float() / 127.5 - 1
+
+
+# -------------------- inpainting: RePaint (Lugmayr et al. 2022, Algorithm 1 and eq. 8)
+
+def repaint_path(k: int, jump: int, resample: int) -> list[int]:
+    """RePaint's schedule over the positions of a chain of k steps: 0 is x_T, k the image.
+
+    It goes down one position at a time. At every `jump`-th position it goes back up `jump` positions (in one
+    move) and down again, `resample` - 1 times.
+    """
+    path = [0]
+    for p in range(1, k + 1):
+        path.append(p)
+        if resample > 1 and p % jump == 0 and p >= jump and p < k:
+            for _ in range(resample - 1):
+                path += [p - jump, *range(p - jump + 1, p + 1)]
+    return path
+
+
+@torch.inference_mode()
+def inpaint(diffusion: Diffusion, model: nn.Module, images: torch.Tensor, mask: torch.Tensor, sampler: str = "ddpm",
+            steps: int = 50, eta: float = 0.0, jump: int = 10, resample: int = 1, progress: bool = True,
+            **cond) -> torch.Tensor:
+    """Fill the masked part of uint8 `images` (N, C, H, W) and keep the rest exactly.
+
+    `mask` is 1 (True) where to generate. It is (1 or N, 1 or C, H, W) and broadcasts over the images.
+    Each step of the reverse chain denoises x_t (eq. 8b). Then the known part is put back, noised to the same
+    level: x_{t-1}^known = sqrt(alpha_hat_{t-1}) x_0 + sqrt(1 - alpha_hat_{t-1}) eps (eq. 8a). The two parts
+    combine as m * known + (1 - m) * unknown (eq. 8c, with m = 1 - mask).
+    With `resample` > 1, after every `jump` steps the chain goes back up `jump` steps and down again,
+    `resample` - 1 times. Going up draws x_{t+j} ~ q(x_{t+j} | x_t) in closed form. This lets the generated part
+    agree with the known part (section 4.2).
+    `sampler` is "ddpm" (RePaint's ancestral chain) or "ddim", over `steps` evenly spaced steps.
+    """
+    diffusion.check_sampler(sampler, steps, eta)
+    if sampler == "dpmpp2m":
+        raise ValueError("inpainting takes the ddpm or ddim sampler: DPM-Solver++'s multistep history does "
+                         "not survive the known part's replacement")
+    if jump < 1 or resample < 1:
+        raise ValueError(f"jump and resample must be at least 1, got {jump} and {resample}")
+    device = next(model.parameters()).device
+    diffusion._to(device)
+    alpha_hat = diffusion.alpha_hat
+    x0 = from_images(images, device)
+    mask = torch.as_tensor(mask, device=device).float()
+    if mask.dim() != 4 or mask.shape[-2:] != x0.shape[-2:] or mask.shape[0] not in (1, len(x0)) \
+            or mask.shape[1] not in (1, x0.shape[1]):
+        raise ValueError(f"mask must be (1 or N, 1 or C, H, W) for images {tuple(x0.shape)}, got "
+                         f"{tuple(mask.shape)}")
+    cond = diffusion.condition(model, len(x0), **cond)
+    kept = diffusion.timesteps(steps)
+    at = kept.tolist() + [0]  # the timestep of each position on the chain: 0 is x_T, len(kept) the image
+
+    def known(t: int) -> torch.Tensor:  # eq. 8a: the known part, noised to level t
+        return diffusion.noise_images(x0, torch.full((len(x0),), t, device=device))[0]
+
+    x = mask * torch.randn_like(x0) + (1 - mask) * known(at[0])
+    path = repaint_path(len(kept), jump, resample)
+    for a, b in tqdm(list(zip(path[:-1], path[1:])), desc="inpainting", leave=False, disable=not progress):
+        i, j = at[a], at[b]
+        ratio = alpha_hat[j] / alpha_hat[i]
+        if b < a:  # back up the chain: q(x_j | x_i) = N(sqrt(ratio) x_i, (1 - ratio) I)
+            x = ratio.sqrt() * x + (1 - ratio).sqrt() * torch.randn_like(x)
+            continue
+        eps = diffusion.eps_at(model, x, i, bool(ratio.sqrt() > 10), **cond)  # eq. 8b
+        if sampler == "ddpm":  # the respaced step and its posterior variance, as sample's
+            beta = 1 - alpha_hat[i] / alpha_hat[j]
+            x = diffusion.ddpm_step(x, eps, i, beta, (1 - alpha_hat[j]) / (1 - alpha_hat[i]) * beta, j == 0)
+        else:
+            x = diffusion.ddim_step(x, eps, i, j, eta, j == 0)
+        x = mask * x + (1 - mask) * known(j)  # eq. 8c
+    return to_images(mask * x + (1 - mask) * x0)
+
+
+# -------------------- image-to-image: SDEdit (Meng et al. 2022, Algorithm 1 and eq. 4)
+
+@torch.inference_mode()
+def img2img(diffusion: Diffusion, model: nn.Module, images: torch.Tensor, strength: float,
+            sampler: str = DEFAULT_SAMPLER, steps: int | None = DEFAULT_STEPS, noise: torch.Tensor | None = None,
+            **kwargs) -> torch.Tensor:
+    """Noise uint8 `images` part of the way up the chain, then denoise them with any sampler.
+
+    `strength` in [0, 1] says how far: to t0, the sampler's first timestep at or below strength * (T - 1).
+    There x_t0 = sqrt(alpha_hat_t0) x_0 + sqrt(1 - alpha_hat_t0) z (eq. 4), with z = `noise` (default N(0, I)).
+    The sampler then runs its `steps` from t0 down.
+    Strength 0 returns the images. Strength 1 starts from pure noise z and equals sample(noise=z).
+    A conditional model takes labels and guidance, and pulls the images towards the class asked.
+    """
+    if not 0 <= strength <= 1:
+        raise ValueError(f"strength must be in [0, 1], got {strength}")
+    diffusion.check_sampler(sampler, steps)
+    device = next(model.parameters()).device
+    diffusion._to(device)
+    alpha_hat = diffusion.alpha_hat
+    x0 = from_images(images, device)
+    z = torch.randn_like(x0) if noise is None else noise.to(device)
+    chain = diffusion.timesteps(50 if sampler != "ddpm" and steps is None else steps, log_snr=sampler == "dpmpp2m")
+    chain = chain[chain <= round(strength * (diffusion.noise_steps - 1))]  # sample's chain (ddim: 50 unless told)
+    if not len(chain):  # too weak to reach the chain's first step
+        return images.clone()
+    t0 = chain[0].item()
+    # eq. 4 with this z; from T-1 the chain starts at pure noise, as sampling does
+    x = z if t0 == diffusion.noise_steps - 1 else alpha_hat[t0].sqrt() * x0 + (1 - alpha_hat[t0]).sqrt() * z
+    return diffusion.sample(model, len(x0), sampler=sampler, steps=steps, noise=x, start=t0, **kwargs)
+
+
+# -------------------- inversion: DDIM run backwards (Song et al. 2021, eq. 12 at sigma = 0, the ODE of eq. 13)
+
+@torch.inference_mode()
+def invert(diffusion: Diffusion, model: nn.Module, images: torch.Tensor, steps: int = 50, progress: bool = True,
+           **cond) -> torch.Tensor:
+    """The x_T from which sample(sampler="ddim", steps=steps, noise=x_T) gives back uint8 `images`.
+
+    DDIM's deterministic update runs from t = 0 up the same timesteps:
+    x_next = sqrt(alpha_hat_next) x0_pred + sqrt(1 - alpha_hat_next) eps.
+    eps is predicted at the current, less noisy x_t rather than at x_next. This approximation keeps it to one
+    evaluation a step; its error shrinks as the steps get smaller.
+    Returns float x_T. A conditional model takes labels; guidance 1 (cfg_scale=1) gives the closest round trip.
+    """
+    device = next(model.parameters()).device
+    diffusion._to(device)
+    alpha_hat = diffusion.alpha_hat
+    x = from_images(images, device)
+    cond = diffusion.condition(model, len(x), **cond)
+    up = [0] + diffusion.timesteps(steps).flip(0).tolist()
+    for i, j in tqdm(list(zip(up[:-1], up[1:])), desc="inverting", leave=False, disable=not progress):
+        eps = diffusion.eps_at(model, x, i, **cond)
+        x = alpha_hat[j].sqrt() * diffusion.predict_x0(x, eps, i) + (1 - alpha_hat[j]).sqrt() * eps
+    return x
+
+
+# -------------------- interpolation: slerp (Shoemake 1985) between two x_T, decoded
+
+def slerp(a: torch.Tensor, b: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """Spherical interpolation between a and b, one result for each weight in `w`.
+
+    slerp = sin((1 - w) theta) / sin(theta) a + sin(w theta) / sin(theta) b, theta the angle between a and b.
+    Gaussian noise keeps its norm along this arc. A straight line would pass through x_T of low norm, which the
+    model never saw. w = 0 gives a exactly, and w = 1 gives b.
+    """
+    theta = torch.arccos((a.flatten() @ b.flatten() / (a.norm() * b.norm())).clamp(-1, 1))
+    w = w.to(a.dtype).view(-1, *[1] * a.dim())
+    if theta < 1e-4:  # parallel: the straight line
+        return (1 - w) * a + w * b
+    # the weights first: sin(theta) / sin(theta) is exactly 1, so the ends are exactly a and b
+    return torch.sin((1 - w) * theta) / torch.sin(theta) * a + torch.sin(w * theta) / torch.sin(theta) * b
+
+
+@torch.inference_mode()
+def interpolate(diffusion: Diffusion, model: nn.Module, noise_a: torch.Tensor, noise_b: torch.Tensor,
+                frames: int = 8, sampler: str = "ddim", steps: int = 50, **kwargs) -> torch.Tensor:
+    """`frames` images along the slerp from x_T = noise_a to x_T = noise_b, decoded by a deterministic sampler.
+
+    noise_a and noise_b are (C, H, W): two draws of N(0, I), or two inversions.
+    The first and last frames are the samples of noise_a and noise_b.
+    A conditional model takes labels: one for every frame, or one each.
+    """
+    if sampler == "ddpm":
+        raise ValueError("interpolation needs a deterministic sampler (ddim or dpmpp2m): the ancestral chain "
+                         "adds fresh noise at every step")
+    if frames < 2:
+        raise ValueError(f"frames must be at least 2 (the two ends), got {frames}")
+    x = slerp(noise_a, noise_b, torch.linspace(0, 1, frames))
+    return diffusion.sample(model, frames, sampler=sampler, steps=steps, noise=x, **kwargs)
+
+
+# =========================================================================== the command line
 
 # --------------------------------------------------------------------------- inputs
 
@@ -123,17 +303,17 @@ def edit(args, model, diffusion, files: list[Path], x: torch.Tensor | None) -> t
     size, n = diffusion.img_size, len(files)
     if args.command == "inpaint":
         mask = load_mask(args, files, size)
-        filled = diffusion.inpaint(model, x, mask, sampler=args.sampler or "ddpm", steps=args.steps or 50,
-                                   jump=args.jump, resample=args.resample, **label_kwargs(args, model, n))
+        filled = inpaint(diffusion, model, x, mask, sampler=args.sampler or "ddpm", steps=args.steps or 50,
+                         jump=args.jump, resample=args.resample, **label_kwargs(args, model, n))
         shown = ((x.float() * (1 - mask)).round().to(torch.uint8), (mask.expand_as(x.float()) * 255).to(torch.uint8))
         return [x, *shown, filled], n
     if args.command == "img2img":
         kwargs = dict(sampler=args.sampler or DEFAULT_SAMPLER, steps=args.steps or DEFAULT_STEPS)
-        return [x, diffusion.img2img(model, x, args.strength, **kwargs, **label_kwargs(args, model, n))], n
+        return [x, img2img(diffusion, model, x, args.strength, **kwargs, **label_kwargs(args, model, n))], n
     steps = args.steps or 50
     if args.command == "invert":
         cond = label_kwargs(args, model, n, guided=False)
-        x_T = diffusion.invert(model, x, steps=steps, **cond)
+        x_T = invert(diffusion, model, x, steps=steps, **cond)
         decoded = diffusion.sample(model, n, sampler="ddim", steps=steps, noise=x_T, progress=False, **cond)
         error = (decoded.float() - x.float()).abs().mean().item()
         print(f"decoded from x_T: mean absolute error {error:.2f} of 255 ({steps} DDIM steps)")
@@ -144,117 +324,30 @@ def edit(args, model, diffusion, files: list[Path], x: torch.Tensor | None) -> t
     cond = label_kwargs(args, model, 1, guided=False)
     cond = {**cond, "labels": cond["labels"][0]} if cond else {}  # one class along the whole path
     if files:
-        ends = diffusion.invert(model, x, steps=steps, **cond)
+        ends = invert(diffusion, model, x, steps=steps, **cond)
     else:
         shape = (diffusion.c_in, size, size)
         ends = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in args.seeds])
-    frames = diffusion.interpolate(model, ends[0], ends[1], args.frames, sampler=args.sampler or "ddim", steps=steps,
-                                   **cond)
+    frames = interpolate(diffusion, model, ends[0], ends[1], args.frames, sampler=args.sampler or "ddim",
+                         steps=steps, **cond)
     return [frames], args.frames
 
 
-# --------------------------------------------------------------------------- the README's measurements
-
-def measure(args: argparse.Namespace) -> None:
-    """On held-out digits given their labels: the judge's accuracy on their right half inpainted, without and with
-    RePaint's resampling, beside its accuracy on the real digits and on the left halves alone; the inversion's
-    round-trip error against its steps; the seconds per image of each method."""
-    import json
-
-    run_dir = Path(args.run)
-    config = json.loads((run_dir / "run.json").read_text())
-    model, diffusion = sample.load(run_dir, device=args.device)
-    device = next(model.parameters()).device
-    x_train, y_train, x_held, y_held, classes = evaluate.real_images(config)
-    judge, judge_accuracy = evaluate.cached_judge(run_dir, x_train, y_train, x_held, y_held, args.judge_epochs)
-    reps = -(-args.n // len(x_held))
-    images, labels = x_held.repeat(reps, 1, 1, 1)[:args.n], y_held.repeat(reps)[:args.n]
-    size = diffusion.img_size
-    mask = torch.zeros(1, 1, size, size)
-    mask[..., size // 2:] = 1  # the right half
-    settings = sample.recommended(run_dir, model)
-    guidance = dict(cfg_scale=settings["cfg_scale"], guidance_interval=settings["guidance_interval"])
-    rows = [("real held-out digits (the judge's own accuracy)", judge_accuracy, None)]
-    blank = (images.float() * (1 - mask)).to(torch.uint8)
-    rows.append(("left halves alone, right half black", accuracy(judge, blank, labels), None))
-    seed_everything(args.seed)
-    with autocast(device, autocast_dtype(args.precision, device)):
-        for name, resample in (("inpainted, RePaint without resampling", 1),
-                               (f"inpainted, RePaint resampling {args.resample}x every {args.jump} steps",
-                                args.resample)):
-            filled, seconds = timed(lambda batch, y: diffusion.inpaint(
-                model, batch, mask, steps=args.steps, jump=args.jump, resample=resample, progress=False, labels=y,
-                **guidance), images, labels)
-            rows.append((name, accuracy(judge, filled, labels), seconds))
-        inversion = []
-        for steps in args.inversion_steps:
-            cond = dict(cfg_scale=1.0)
-
-            def round_trip(batch, y):
-                x_T = diffusion.invert(model, batch, steps=steps, progress=False, labels=y, **cond)
-                return diffusion.sample(model, len(batch), y, sampler="ddim", steps=steps, noise=x_T, progress=False,
-                                        **cond)
-            decoded, seconds = timed(round_trip, x_held, y_held)
-            error = (decoded.float() - x_held.float()).abs()
-            inversion.append((steps, error.mean().item(), (error > 32).flatten(1).any(1).float().mean().item(),
-                              seconds))
-    lines = edits_block(rows, inversion, args, len(x_held))
-    print("\n".join(lines))
-    if args.readme:
-        update_readme_block(args.readme, "edits", lambda old: "\n".join(lines))
-
-
-def timed(fn, images: torch.Tensor, labels: torch.Tensor, batch: int = 250) -> tuple[torch.Tensor, float]:
-    """fn over the images in batches; (its uint8 results, seconds per image)."""
-    start, out = time.perf_counter(), []
-    for i in range(0, len(images), batch):
-        out.append(fn(images[i:i + batch], labels[i:i + batch]).cpu())
-    return torch.cat(out), (time.perf_counter() - start) / len(images)
-
-
-def accuracy(judge, images: torch.Tensor, labels: torch.Tensor) -> float:
-    return (judge.embed(images)[1] == labels).float().mean().item()
-
-
-def edits_block(rows, inversion, args, held: int) -> list[str]:
-    command = (f"`python edit.py measure --run {args.run} --n {args.n} --steps {args.steps} --jump {args.jump} "
-               f"--resample {args.resample} --readme README.md`")
-    lines = [f"Generated by {command} on {held} held-out digits (each inpainted {-(-args.n // held)} times: "
-             f"n = {args.n}), given their labels, at the run's guidance; the judge is evaluate.py's.", "",
-             "| right half of held-out digits | the judge: asked digit | seconds per image |", "|---|---|---|"]
-    lines += [f"| {name} | {100 * acc:.1f}% | {'' if s is None else f'{s:.3f}'} |" for name, acc, s in rows]
-    lines += ["", f"DDIM inversion then DDIM decoding of the {held} held-out digits, guidance 1 (no guidance), "
-                  "error in grey levels of 255:", "",
-              "| steps | mean absolute error | images with a pixel off by more than 32 | seconds per image (both "
-              "ways) |", "|---|---|---|---|"]
-    lines += [f"| {steps} | {err:.2f} | {100 * far:.1f}% | {s:.3f} |" for steps, err, far, s in inversion]
-    return lines
-
-
-# --------------------------------------------------------------------------- command line
+# --------------------------------------------------------------------------- the flags
 
 def build_parser() -> ArgumentParser:
-    p = ArgumentParser("Inpaint, image-to-image, invert and interpolate with a trained run.")
+    p = ArgumentParser("Inpaint, image-to-image, invert and interpolate with a trained run.",
+                       epilog="Each command's flags: python edit.py COMMAND --help. The edits' measurements: "
+                              "python -m tools.measure_edits --help.")
     commands = p.add_subparsers(dest="command", required=True)
     helps = {"inpaint": "fill a masked part of each image (RePaint)",
              "img2img": "noise each image part of the way and denoise it (SDEdit)",
              "invert": "find the x_T that DDIM decodes into each image, and decode it",
-             "interpolate": "decode the slerp between two x_T (two seeds, or two inverted images)",
-             "measure": "the README's measurements on the digits' held-out images"}
+             "interpolate": "decode the slerp between two x_T (two seeds, or two inverted images)"}
     for name, help_text in helps.items():
         c = commands.add_parser(name, help=help_text, description=help_text)
         c.add_argument("--run", required=True, help="a run folder (models/<run_name>) or a checkpoint file")
         add_runtime_args(c)
-        if name == "measure":
-            c.add_argument("--n", type=whole(10), default=1000, help="inpaintings (the held-out digits, cycled)")
-            c.add_argument("--steps", type=whole(1), default=50, help="steps of the inpainting chain (ddpm)")
-            c.add_argument("--jump", type=whole(1), default=10, help="RePaint's jump length of the resampled run")
-            c.add_argument("--resample", type=whole(2), default=5, help="RePaint's resamplings of the resampled run")
-            c.add_argument("--inversion_steps", type=whole(1), nargs="+", default=[10, 20, 50, 100],
-                           help="DDIM steps of the inversion round trips")
-            c.add_argument("--judge_epochs", type=whole(1), default=15, help="training epochs of the judge (cached)")
-            c.add_argument("--readme", default=None, help="rewrite this markdown file's edits block")
-            continue
         c.add_argument("--images", nargs="+" if name != "interpolate" else "*", default=None,
                        help="image files or folders" + (" (two: interpolate between their inversions)"
                                                         if name == "interpolate" else ""))
@@ -289,11 +382,7 @@ def build_parser() -> ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
-    if args.command == "measure":
-        measure(args)
-    else:
-        run(args)
+    run(build_parser().parse_args(argv))
 
 
 if __name__ == "__main__":

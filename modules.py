@@ -170,6 +170,7 @@ class Up(nn.Module):
 # downsampling factors in `attention`: 1 (the last up block, at full resolution), 2 and 4 (a down and an up block
 # each), 8 (the last down block). `heads` attention heads everywhere.
 ORIGINAL_MULT, ORIGINAL_ATTENTION = (2, 4, 4), (1, 2, 4, 8)
+ORIGINAL_SHAPE = dict(channel_mult=list(ORIGINAL_MULT), attention=list(ORIGINAL_ATTENTION), heads=4)  # as flags
 
 
 def shape_problem(width: int, channel_mult, attention, heads: int) -> str | None:

@@ -10,14 +10,251 @@ import sys
 import tempfile
 import time
 import zipfile
+from collections.abc import Callable
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils.data import DataLoader
+from torch.utils.tensorboard import SummaryWriter
+from tqdm import tqdm
 
-from devices import PRECISIONS, PRECISION_HELP
+from devices import (PRECISION_HELP, PRECISIONS, autocast, autocast_dtype, barrier, gather, init_distributed,
+                     pick_device, precision_name, seed_everything)
 from modules import shape_problem
-from utils import UserError, atomic_write, first_line
+from utils import DATASETS, SeededSampler, UserError, atomic_write, close_loader, first_line, make_grid, save_images
+
+
+class Run:
+    """A training run's life outside the math: its process and device, its folders, its position (epoch, batch,
+    step), the progress bar and TensorBoard, stop signals, checkpoints and resuming. The training loop calls it."""
+
+    def __init__(self, args: argparse.Namespace):
+        self.args = args
+        self.rank, self.world_size, self.device = init_distributed(pick_device(args.device))
+        self.is_main = self.rank == 0  # only rank 0 writes files, grids and TensorBoard
+        args.device, args.world_size = str(self.device), self.world_size
+        seed_everything(args.seed + self.rank)  # each rank draws its own noise; DDP syncs the initial weights
+        if not args.resume:
+            check_new_run(args.run_name, args.overwrite)  # on every rank, before rank 0 writes anything
+        barrier()
+        if self.is_main:
+            setup_logging(args.run_name, overwrite=args.overwrite and not args.resume)
+        barrier()
+        self.amp_dtype = autocast_dtype(args.precision, self.device)
+        self.folder = Path("models") / args.run_name
+        self.step, self.epoch, self.batch = 0, 0, 0  # optimizer steps done, and where the next one starts
+        self.train_seconds, self.clock = 0.0, time.monotonic()  # training time, over every resume
+        self.first_bad_step = torch.full((), -1, device=self.device)  # kept on the device: no sync per step
+        self.saved_step = None  # the step of the last checkpoint written
+        self.stop = StopRequest(self.world_size)  # Ctrl-C / SIGTERM: finish the step, save, exit
+        self.stop_requested = False
+        self.logger = None  # TensorBoard, opened by training() on rank 0
+
+    def autocast(self):
+        return autocast(self.device, self.amp_dtype)
+
+    def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
+        """The module that trains: DDP under torchrun, compiled with --compile. Checkpoints save the plain one."""
+        net = model
+        if dist.is_initialized():  # under torchrun, even with one process
+            net = DDP(model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        return torch.compile(net) if self.args.compile else net
+
+    def record(self, model: torch.nn.Module, diffusion, sampling: dict) -> None:
+        """Write run.json when the run starts: everything that rebuilds the model, the Diffusion and its sampling."""
+        if not self.is_main or self.args.resume:
+            return
+        a = self.args
+        config = {
+            "model": type(model).__name__,
+            "model_args": dict(c_in=a.c_in, c_out=a.c_in, time_dim=model.time_dim, width=a.width,
+                               input_skip=a.input_skip, channel_mult=list(model.channel_mult),
+                               attention=list(model.attention), heads=model.heads),
+            "diffusion_args": dict(noise_steps=a.noise_steps, beta_start=diffusion.beta_start,
+                                   beta_end=diffusion.beta_end, img_size=a.image_size, c_in=a.c_in,
+                                   schedule=a.schedule, prediction=a.prediction),
+            "sampling": sampling,
+            "class_names": a.class_names,
+            "dataset": a.dataset,
+            "dataset_path": a.dataset_path,
+            "command": a.command,
+            "args": {k: v for k, v in vars(a).items() if k != "class_names"},
+        }
+        if hasattr(a, "num_classes"):  # ddpm_conditional.py's
+            config["num_classes"] = a.num_classes
+        save_json(config, self.folder / "run.json")
+
+    def resume(self) -> dict:
+        """Read resume.pt: the position and this process's random stream continue here; the rest is returned."""
+        state = load_checkpoint(self.folder / "resume.pt")
+        self.step, self.epoch, self.batch = state["step"], state["epoch"], state["batch"]
+        self.saved_step = self.step
+        self.train_seconds = state.get("train_seconds", 0.0)
+        rng = state["rng"][self.rank]
+        torch.set_rng_state(rng["cpu"])
+        if "cuda" in rng and self.device.type == "cuda":
+            torch.cuda.set_rng_state(rng["cuda"], self.device)
+        return state
+
+    def continue_schedule(self, optimizer: torch.optim.Optimizer, scheduler, lr_factor: Callable,
+                          saved_epochs: int, steps_per_epoch: int) -> None:
+        """After a resume the optimisation flags given now win: the learning rate, the weight decay, and a schedule
+        that spans the --epochs given now. `lr_factor(step, args, total_steps)` is the schedule."""
+        a, total = self.args, self.args.epochs * steps_per_epoch
+        if a.lr_schedule == "cosine" and a.epochs != saved_epochs and self.is_main:
+            before = lr_factor(self.step, a, saved_epochs * steps_per_epoch)
+            print(f"the cosine schedule now ends at epoch {a.epochs}, not {saved_epochs}: the learning rate goes "
+                  f"from {before:.3g} to {lr_factor(self.step, a, total):.3g} x --lr here")
+        scheduler.base_lrs = [a.lr] * len(optimizer.param_groups)
+        for group in optimizer.param_groups:
+            group["lr"] = a.lr * lr_factor(self.step, a, total)
+            group["weight_decay"] = a.weight_decay
+
+    def finished(self) -> bool:
+        if self.epoch < self.args.epochs:
+            return False
+        if self.is_main:
+            print(f"{self.args.run_name} already finished its {self.epoch} epochs: raise --epochs to train on")
+        return True
+
+    @contextmanager
+    def training(self, loader: DataLoader, model: torch.nn.Module):
+        """Around the loop: say what trains, open TensorBoard, listen for stop signals; close it all at the end."""
+        a = self.args
+        if self.is_main:
+            if a.resume:
+                print(f"resuming {a.run_name} at epoch {self.epoch}, step {self.step}")
+            # a resumed run drops the TensorBoard events written after its checkpoint
+            purge = self.epoch * len(loader) + self.batch if a.resume else None
+            self.logger = SummaryWriter(f"runs/{a.run_name}", purge_step=purge)
+            backend = f" ({dist.get_backend()})" if dist.is_initialized() else ""
+            print(f"world size {self.world_size}{backend}: global batch {a.batch_size * self.world_size} "
+                  f"({a.batch_size} per process)")
+            print(f"training {a.run_name}: {len(loader.dataset)} images {a.c_in}x{a.image_size}x{a.image_size}, "
+                  f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, device {self.device}, "
+                  f"precision {self.amp_dtype or torch.float32}, {a.epochs} epochs of {len(loader)} steps")
+        model.train()
+        self.clock = time.monotonic()
+        self.stop.listen()
+        try:
+            yield
+            if self.is_main:
+                print(f"{a.run_name}: {self.step} steps in {self.train_seconds / 60:.1f} minutes")
+        finally:
+            self.stop.restore()
+            close_loader(loader)
+            if self.is_main:
+                self.logger.close()
+
+    def batches(self, loader: DataLoader, epoch: int):
+        """The epoch's batches on the device, from where the run stands (mid-epoch after a resume)."""
+        if isinstance(loader.sampler, SeededSampler):
+            loader.sampler.set_epoch(epoch)
+            loader.sampler.start = self.batch * loader.batch_size  # skip what was trained before a resume
+        rng = torch.get_rng_state()
+        batches = iter(loader)
+        torch.set_rng_state(rng)  # starting the loader draws a seed: undo it, so a resumed run's stream matches
+        self.steps_per_epoch, self.running, self.count = len(loader), torch.zeros((), device=self.device), 0
+        self.bar = tqdm(batches, desc=f"epoch {epoch}", initial=self.batch, total=len(loader), dynamic_ncols=True,
+                        disable=not self.is_main)
+        for images, labels in self.bar:
+            yield images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
+        self.epoch, self.batch = epoch + 1, 0
+
+    def step_done(self, loss: torch.Tensor, lr: float) -> None:
+        """Count the step and check for stop signals; every --log_every steps, log the mean loss."""
+        bad = (self.first_bad_step < 0) & ~torch.isfinite(loss)
+        self.first_bad_step = torch.where(bad, self.step, self.first_bad_step)
+        self.step, i, self.batch = self.step + 1, self.batch, self.batch + 1
+        self.running, self.count = self.running + loss, self.count + 1
+        self.stop_requested = self.stop.requested()  # after every step: torchrun gives its workers 30 s to save
+        if self.count == self.args.log_every or self.batch == self.steps_per_epoch or self.stop_requested:
+            mse = self.running.item() / self.count  # the only host sync, once per --log_every steps
+            self.check_finite()
+            self.bar.set_postfix(MSE=f"{mse:.4f}", lr=f"{lr:.2e}")
+            if self.is_main:  # rank 0's loss stands for all
+                self.logger.add_scalar("MSE", mse, global_step=self.epoch * self.steps_per_epoch + i)
+            self.running, self.count = torch.zeros((), device=self.device), 0
+
+    def checkpoint_due(self) -> bool:
+        """--save_every N: every N steps, except at an epoch's end (which saves anyway)."""
+        every = self.args.save_every
+        return bool(every) and self.step % every == 0 and self.batch < self.steps_per_epoch
+
+    def grid_due(self, epoch: int) -> bool:
+        every = self.args.sample_every
+        return self.is_main and bool(every) and ((epoch + 1) % every == 0 or epoch == self.args.epochs - 1)
+
+    def save_grids(self, epoch: int, grids: dict[str, torch.Tensor], nrow: int) -> None:
+        """results/<run>/<epoch><suffix>.jpg and TensorBoard, for each {suffix: uint8 images}."""
+        folder = Path("results") / self.args.run_name
+        for suffix, images in grids.items():
+            try:
+                save_images(images, folder / f"{epoch}{suffix}.jpg", nrow=nrow)
+            except OSError as e:
+                raise UserError(f"{write_error(e, folder, images.numel())}; make room: {self.what_is_kept()}") from None
+            self.logger.add_image(f"samples{suffix}", make_grid(images, nrow), epoch)
+
+    def save(self, files: dict[str, dict], state: dict) -> None:
+        """Write `files` and resume.pt (`state` and the run's position), each atomically, resume.pt last."""
+        self.check_finite()
+        rng = gather(self.rng_state())  # every process's random state (collective), for rank 0 to save
+        now = time.monotonic()
+        self.train_seconds, self.clock = self.train_seconds + now - self.clock, now
+        if self.is_main:
+            a = self.args
+            files = {**files, "resume.pt": {
+                **state, "step": self.step, "epoch": self.epoch, "batch": self.batch,
+                "train_seconds": self.train_seconds, "device": str(self.device),
+                "precision": precision_name(self.amp_dtype), "rng": rng,
+                "args": {k: v for k, v in vars(a).items() if k not in ("class_names", "command", "device", "overwrite")}}}
+            try:
+                self.logger.flush()  # every logged step up to this checkpoint is on disk before it
+                for name, content in files.items():
+                    save_checkpoint(content, self.folder / name)
+            except OSError as e:  # a full disk, a quota, a read-only folder: each file is the old or the new one
+                raise UserError(f"{write_error(e, self.folder, tensor_bytes(files))}; make room: "
+                                f"{self.what_is_kept()}") from None
+        self.saved_step = self.step
+        barrier()
+
+    def save_and_exit(self, files: dict[str, dict], state: dict) -> None:
+        """After a stop signal: save, say how to resume, and exit as the signal would have."""
+        self.save(files, state)
+        signum = self.stop.signal or signal.SIGTERM
+        if self.is_main:
+            print(f"\n{signal.Signals(signum).name}: stopped at epoch {self.epoch}, step {self.step}; checkpoint "
+                  f"saved in {self.folder}. Resume with: {resume_command(self.args, self.world_size)}",
+                  file=sys.stderr)
+        sys.exit(128 + signum)
+
+    def rng_state(self) -> dict[str, torch.Tensor]:
+        state = {"cpu": torch.get_rng_state()}
+        if self.device.type == "cuda":
+            state["cuda"] = torch.cuda.get_rng_state(self.device)
+        return state
+
+    def check_finite(self) -> None:
+        """Stop on a non-finite loss (collective under torchrun: every rank stops together)."""
+        bad = self.first_bad_step.clone()
+        if self.world_size > 1:
+            dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+        bad = int(bad)
+        if bad >= 0:
+            raise UserError(f"the loss became non-finite at step {bad}: lower --lr or check the data; "
+                            f"{self.what_is_kept()}")
+
+    def what_is_kept(self) -> str:
+        """After a failure: the last checkpoint and the command that continues from it, or that there is none."""
+        if self.saved_step is None:
+            return (f"no checkpoint was saved before it, so start again (--overwrite reuses the name "
+                    f"{self.args.run_name})")
+        return (f"the checkpoint of step {self.saved_step} in {self.folder} is kept; resume with: "
+                f"{resume_command(self.args, self.world_size)}")
+
 
 
 def run_main(main) -> None:
@@ -92,6 +329,56 @@ def add_runtime_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps")
     p.add_argument("--precision", choices=["auto", *PRECISIONS], default="auto", help=PRECISION_HELP)
     p.add_argument("--seed", type=whole(), default=0, help="random seed: the same seed gives the same results")
+
+
+def training_parser(description: str, run_name: str, recipe: Callable[[str], str]) -> ArgumentParser:
+    """A training script's parser, with the flags of the run rather than the method in a group of their own: the
+    data, the grids, devices, saving and resuming. `recipe(flag)` words the defaults that depend on the dataset."""
+    parser = ArgumentParser(description)
+    p = parser.add_argument_group("the run: data, sample grids, device, saving and resuming")
+    p.add_argument("--run_name", default=run_name, help="names the folders under models/, results/ and runs/")
+    p.add_argument("--dataset", choices=DATASETS, default=None,
+                   help="digits and emoji ship with pip packages (no download); mnist, fashion_mnist and cifar10 "
+                        "come through torchvision, downloaded once into --data_root (default: digits)")
+    p.add_argument("--dataset_path", default=None,
+                   help="instead of --dataset, a folder of images: one sub-folder per class, or a flat folder")
+    p.add_argument("--image_size", type=whole(8), default=None,
+                   help=f"side of the square images, divisible by 8 {recipe('image_size')}")
+    p.add_argument("--c_in", type=int, choices=[1, 3, 4], default=None,
+                   help="image channels: 1, 3 or 4 (default: from the data)")
+    p.add_argument("--data_root", default="data", help="where torchvision datasets are downloaded and kept")
+    p.add_argument("--limit", type=whole(1), default=None,
+                   help="use only N images, every class in proportion (smoke runs; default: all)")
+    p.add_argument("--num_workers", type=whole(0), default=None,
+                   help="data-loading processes for a folder (default: min(4, cores))")
+    p.add_argument("--skip_bad_images", action=argparse.BooleanOptionalAction, default=False,
+                   help="skip unreadable images instead of stopping")
+    p.add_argument("--log_every", type=whole(1), default=10, help="steps between loss logs (each one syncs the device)")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
+                   help="torch.compile the model (pays off on GPUs)")
+    p.add_argument("--resume", action="store_true", help="continue models/<run_name> where its last checkpoint left it")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start again over an existing run: deletes models/, results/ and runs/<run_name> first")
+    p.add_argument("--save_every", type=whole(0), default=0,
+                   help="also checkpoint every N steps (0 = at epoch ends only)")
+    p.add_argument("--sample_every", type=whole(0), default=None,
+                   help=f"epochs between sample grids, 0 = never; the last epoch always gets one {recipe('sample_every')}")
+    p.add_argument("--n_samples", type=whole(1), default=16, help="images in each sample grid (conditional: per class)")
+    add_runtime_args(p)
+    return parser
+
+
+def add_shape_args(p: argparse.ArgumentParser, default: Callable[[str], str] = lambda flag: "", **defaults) -> None:
+    """The UNet's shape flags: for the training scripts (defaults None, the recipes' worded by `default(flag)`),
+    and for benchmark.py (`defaults`)."""
+    p.add_argument("--channel_mult", type=whole(1), nargs=3, metavar=("M2", "M4", "M8"),
+                   help="the UNet's widths at 1/2, 1/4 and 1/8 of the side, as multiples of --width (the bottleneck: "
+                        f"twice the last) {default('channel_mult')}".rstrip())
+    p.add_argument("--attention", type=int, nargs="*", choices=[1, 2, 4, 8], metavar="FACTOR",
+                   help="where the UNet attends, as downsampling factors: 1 = full resolution (the costly one), 2, 4, "
+                        f"8 = the lowest; none = no attention {default('attention')}".rstrip())
+    p.add_argument("--heads", type=whole(1), help=f"attention heads {default('heads')}".rstrip())
+    p.set_defaults(**defaults)
 
 
 # --------------------------------------------------------------------------- command line, resuming

@@ -27,6 +27,8 @@ class UserError(Exception):
 
 # --------------------------------------------------------------------------- data
 
+DATASETS = ("digits", "emoji", "mnist", "fashion_mnist", "cifar10")  # --dataset: each loads without a folder
+
 def load_dataset(name: str, root: str | Path = "data") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
                                                                    torch.Tensor, list[str]]:
     """A named dataset as uint8 images (N, C, S, S) with labels, split once and for all:

@@ -1,5 +1,6 @@
 """Beyond sampling: inpainting (RePaint), image-to-image (SDEdit), DDIM inversion and interpolation, on the exact
-denoiser of a set of digits (a model without error) and on tiny models; and edit.py as a user runs it."""
+denoiser of a set of digits (a model without error) and on tiny models; edit.py and tools/measure_edits.py as a
+user runs them."""
 import json
 import re
 
@@ -10,7 +11,8 @@ from PIL import Image
 
 import ddpm_conditional
 import edit
-from ddpm import Diffusion, repaint_path, slerp
+from ddpm import Diffusion
+from edit import img2img, inpaint, interpolate, invert, repaint_path, slerp
 from evaluate import ExactDenoiser
 from modules import UNet, UNet_conditional
 from runs import run_main
@@ -41,8 +43,8 @@ def test_inpainting_keeps_the_known_part_exactly_and_fills_the_rest_from_it(digi
     matched = {}
     for sampler, resample in (("ddpm", 1), ("ddpm", 3), ("ddim", 1)):
         torch.manual_seed(0)
-        filled = d.inpaint(exact, images[:16], right_half(), sampler=sampler, steps=30, jump=5, resample=resample,
-                           progress=False, labels=-1, cfg_scale=1)
+        filled = inpaint(d, exact, images[:16], right_half(), sampler=sampler, steps=30, jump=5, resample=resample,
+                         progress=False, labels=-1, cfg_scale=1)
         assert filled.dtype == torch.uint8 and filled.shape == images[:16].shape
         assert torch.equal(filled[..., :8], images[:16, :, :, :8])  # the known part, exactly
         error = (filled[..., 8:].float() - images[:16, :, :, 8:].float()).abs().flatten(1).mean(1)
@@ -61,19 +63,19 @@ def test_img2img_strength_0_returns_the_image_and_1_samples_from_the_noise(digit
     images, labels, d, exact = digits
     z = torch.randn(4, 1, 16, 16, generator=torch.Generator().manual_seed(1))
     for sampler, steps in (("dpmpp2m", 10), ("ddim", 10), ("ddpm", 10)):
-        assert torch.equal(d.img2img(exact, images[:4], 0.0, sampler=sampler, steps=steps, labels=labels[:4]),
+        assert torch.equal(img2img(d, exact, images[:4], 0.0, sampler=sampler, steps=steps, labels=labels[:4]),
                            images[:4])
         torch.manual_seed(2)
-        edited = d.img2img(exact, images[:4], 1.0, sampler=sampler, steps=steps, noise=z, labels=labels[:4],
-                           progress=False)
+        edited = img2img(d, exact, images[:4], 1.0, sampler=sampler, steps=steps, noise=z, labels=labels[:4],
+                         progress=False)
         torch.manual_seed(2)
         sampled = d.sample(exact, 4, labels[:4], sampler=sampler, steps=steps, noise=z, progress=False)
         assert torch.equal(edited, sampled), sampler
     # in between: a low strength stays near the image, a high one may leave it
-    near = d.img2img(exact, images[:4], 0.2, sampler="ddim", steps=20, labels=-1, cfg_scale=1, progress=False)
+    near = img2img(d, exact, images[:4], 0.2, sampler="ddim", steps=20, labels=-1, cfg_scale=1, progress=False)
     assert (near.float() - images[:4].float()).abs().mean() < 2
     with pytest.raises(ValueError, match="strength must be in"):
-        d.img2img(exact, images[:4], 1.5, labels=-1)
+        img2img(d, exact, images[:4], 1.5, labels=-1)
 
 
 def test_ddim_inversion_then_decoding_gives_the_image_back(digits):
@@ -81,7 +83,7 @@ def test_ddim_inversion_then_decoding_gives_the_image_back(digits):
     pixels off by one level."""
     images, labels, d, exact = digits
     for steps, tolerance in ((10, 1), (50, 0)):
-        x_T = d.invert(exact, images[:8], steps=steps, progress=False, labels=labels[:8], cfg_scale=1)
+        x_T = invert(d, exact, images[:8], steps=steps, progress=False, labels=labels[:8], cfg_scale=1)
         back = d.sample(exact, 8, labels[:8], sampler="ddim", steps=steps, noise=x_T, progress=False, cfg_scale=1)
         assert (back.float() - images[:8].float()).abs().max() <= tolerance, steps
     assert x_T.dtype == torch.float32 and x_T.shape == (8, 1, 16, 16)
@@ -90,7 +92,7 @@ def test_ddim_inversion_then_decoding_gives_the_image_back(digits):
 def test_interpolation_ends_on_the_two_samples(digits):
     images, labels, d, exact = digits
     a, b = torch.randn(2, 1, 16, 16, generator=torch.Generator().manual_seed(3))
-    frames = d.interpolate(exact, a, b, 5, sampler="ddim", steps=10, labels=3, progress=False)
+    frames = interpolate(d, exact, a, b, 5, sampler="ddim", steps=10, labels=3, progress=False)
     ends = d.sample(exact, 2, [3, 3], sampler="ddim", steps=10, noise=torch.stack([a, b]), progress=False)
     assert frames.shape == (5, 1, 16, 16) and torch.equal(frames[[0, -1]], ends)
     path = slerp(a, b, torch.linspace(0, 1, 5))
@@ -98,7 +100,7 @@ def test_interpolation_ends_on_the_two_samples(digits):
     norms = path.flatten(1).norm(dim=1)  # along the great circle, not through the low-norm middle of a line
     assert norms.min() > 0.9 * min(a.norm(), b.norm())
     with pytest.raises(ValueError, match="deterministic sampler"):
-        d.interpolate(exact, a, b, 5, sampler="ddpm", labels=3)
+        interpolate(d, exact, a, b, 5, sampler="ddpm", labels=3)
 
 
 def test_every_edit_runs_on_a_tiny_unconditional_model():
@@ -107,14 +109,14 @@ def test_every_edit_runs_on_a_tiny_unconditional_model():
     images = torch.randint(0, 256, (3, 1, 8, 8), dtype=torch.uint8)
     mask = torch.zeros(3, 1, 8, 8)
     mask[:, :, 2:6, 2:6] = 1  # a box in the middle, one mask each
-    filled = d.inpaint(model, images, mask, steps=5, jump=2, resample=2, progress=False)
+    filled = inpaint(d, model, images, mask, steps=5, jump=2, resample=2, progress=False)
     assert torch.equal(filled[mask.bool().expand_as(images).logical_not()], images[~mask.bool().expand_as(images)])
-    assert d.img2img(model, images, 0.5, steps=5, progress=False).shape == images.shape
-    assert d.invert(model, images, steps=5, progress=False).shape == images.shape
+    assert img2img(d, model, images, 0.5, steps=5, progress=False).shape == images.shape
+    assert invert(d, model, images, steps=5, progress=False).shape == images.shape
     with pytest.raises(ValueError, match="mask must be"):
-        d.inpaint(model, images, torch.zeros(1, 1, 4, 4), steps=5)
+        inpaint(d, model, images, torch.zeros(1, 1, 4, 4), steps=5)
     with pytest.raises(ValueError, match="images must be uint8"):
-        d.img2img(model, images.float(), 0.5)
+        img2img(d, model, images.float(), 0.5)
 
 
 def make_run(folder, c_in=1, conditional=True):
@@ -183,15 +185,21 @@ def test_bad_input_to_the_edit_commands_is_one_line(in_tmp, capsys, argv, messag
     assert not list(in_tmp.glob("edit_*.png"))
 
 
-def test_the_readmes_measurements_run_and_fill_their_block(in_tmp, capsys):
-    """edit.py measure in miniature: a tiny digits run, 20 inpaintings, two inversion round trips."""
+def test_the_edits_measurements_run_and_fill_their_block(in_tmp, capsys):
+    """tools/measure_edits.py in miniature: a tiny digits run, 20 inpaintings, two inversion round trips."""
+    from tools import measure_edits
+
     ddpm_conditional.main(["--width", "8", "--noise_steps", "20", "--limit", "64", "--epochs", "1",
                            "--sample_every", "0", "--device", "cpu"])
-    (in_tmp / "README.md").write_text("# x\n<!-- edits:start -->\nold\n<!-- edits:end -->\n")
-    edit.main(["measure", "--run", "models/DDPM_conditional", "--n", "20", "--steps", "4", "--jump", "2",
-               "--resample", "2", "--inversion_steps", "2", "4", "--judge_epochs", "1", "--readme", "README.md"])
-    block = (in_tmp / "README.md").read_text()
+    (in_tmp / "docs").mkdir()
+    (in_tmp / "docs" / "editing.md").write_text("# x\n<!-- edits:start -->\nold\n<!-- edits:end -->\n")
+    measure_edits.main(["--run", "models/DDPM_conditional", "--n", "20", "--steps", "4", "--jump", "2",
+                        "--resample", "2", "--inversion_steps", "2", "4", "--judge_epochs", "1",
+                        "--readme", "docs/editing.md"])
+    block = (in_tmp / "docs" / "editing.md").read_text()
     assert "old" not in block and "--n 20 --steps 4 --jump 2 --resample 2" in block
+    assert "`python -m tools.measure_edits --run models/DDPM_conditional --n 20" in block
+    assert "--readme docs/editing.md`" in block
     for row in ("| real held-out digits (the judge's own accuracy) |", "| left halves alone, right half black |",
                 "| inpainted, RePaint without resampling |", "| inpainted, RePaint resampling 2x every 2 steps |",
                 "| 2 |", "| 4 |"):

@@ -212,7 +212,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(in_tmp, monkeypatch, 
 
     def poisoned(self, images, labels):
         loss = real_loss(self, images, labels)
-        return loss * float("nan") if self.step == 5 else loss
+        return loss * float("nan") if self.run.step == 5 else loss
 
     monkeypatch.setattr(ddpm.Trainer, "loss", poisoned)
     with pytest.raises(SystemExit) as e:

@@ -161,7 +161,7 @@ def test_worker_processes_end_with_training(in_tmp):
     trainer = ddpm.Trainer(args)
     trainer.fit()
     assert not multiprocessing.active_children()
-    trainer.args.epochs, trainer.stop.signal = 2, signal.SIGTERM  # as a SIGTERM during the second epoch
+    trainer.args.epochs, trainer.run.stop.signal = 2, signal.SIGTERM  # as a SIGTERM during the second epoch
     with pytest.raises(SystemExit):
         trainer.fit()
     assert not multiprocessing.active_children()

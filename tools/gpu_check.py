@@ -56,8 +56,8 @@ def check_precisions(flags: list[str]) -> list[dict]:
             moved = max((v.cpu() - before[k]).abs().max().item() for k, v in trainer.model.state_dict().items())
             done = sum(len(s["losses"]) for s in segments)
             losses = [e.value for e in EventAccumulator("runs/chain").Reload().Scalars("MSE")][done:]
-            dtype = precision_name(trainer.amp_dtype)
-            assert trainer.step == len(losses) * epoch, f"{precision}: step {trainer.step} after epoch {epoch}"
+            dtype = precision_name(trainer.run.amp_dtype)
+            assert trainer.run.step == len(losses) * epoch, f"{precision}: step {trainer.run.step} after epoch {epoch}"
             assert all(map(math.isfinite, losses)), f"{precision}: losses {losses}"
             assert (dtype == "fp16") == trainer.scaler.is_enabled(), f"{precision}: loss scaler on with {dtype}"
             assert moved > 0, f"{precision}: no step of epoch {epoch} changed the weights"
