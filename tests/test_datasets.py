@@ -112,7 +112,7 @@ def test_a_tiny_conditional_emoji_run_and_its_evaluation_data(in_tmp):
 
 def test_the_folder_recipe_keeps_the_originals_objective_and_ema(tmp_path):
     """A folder trains as the original did: eps, plain MSE, EMA 0.995 after 2,000 steps; the short emoji recipe
-    uses v-prediction, Min-SNR and the power EMA (README, Colour)."""
+    uses v-prediction, Min-SNR and the power EMA (docs/results.md, Colour)."""
     write_images(tmp_path / "images" / "a", 2)
     folder = ddpm_conditional.parse_args(["--dataset_path", str(tmp_path / "images")])
     assert (folder.prediction, folder.loss_weight, folder.ema_power, folder.ema_beta, folder.ema_start) == \

@@ -1,4 +1,5 @@
-"""The README and docs/ pages: every relative link, image and #anchor they use exists."""
+"""The README and docs/ pages (every relative link, image and #anchor they use exists), and the code's readable shape."""
+import ast
 import re
 from pathlib import Path
 
@@ -54,3 +55,28 @@ def test_a_block_names_the_page_it_is_written_to(page):
     for name, body in blocks:
         for target in re.findall(r"--readme (\S+?)[`\s]", body):
             assert (ROOT / target).resolve() == page, f"{page.name}: block {name} is written to {target}"
+
+
+def first_line(path: Path, start: str) -> int:
+    return next(k for k, line in enumerate(path.read_text().splitlines(), 1) if line.startswith(start))
+
+
+def test_ddpm_py_reads_as_the_paper():
+    """ddpm.py stays the paper a student reads in an evening: q(x_t | x_0), then Algorithm 2, then Algorithm 1, in
+    a short file that imports little of the project's plumbing."""
+    path = ROOT / "ddpm.py"
+    assert len(path.read_text().splitlines()) <= 450
+    assert first_line(path, "    def noise_images(") <= 110
+    assert first_line(path, "    def sample(") <= 220
+    assert first_line(path, "    def loss(") <= 330
+    project = {p.stem for p in ROOT.glob("*.py")}
+    imported = [alias.name for node in ast.parse(path.read_text()).body if isinstance(node, ast.ImportFrom)
+                and node.module in project for alias in node.names]
+    assert len(imported) <= 12, imported
+
+
+def test_no_python_file_holds_two_things():
+    """Past about 600 lines a file holds two things: split it."""
+    files = [*ROOT.glob("*.py"), *ROOT.glob("tools/*.py"), *ROOT.glob("tests/*.py")]
+    long = {p.relative_to(ROOT).as_posix(): n for p in files if (n := len(p.read_text().splitlines())) > 600}
+    assert not long

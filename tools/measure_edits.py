@@ -104,7 +104,7 @@ def edits_block(rows, inversion, args, held: int) -> list[str]:
 def main(argv: list[str] | None = None) -> None:
     p = ArgumentParser("The editing methods measured on the digits' held-out images: inpainting judged, "
                        "inversion's round trip, seconds per image.", prog="python -m tools.measure_edits")
-    p.add_argument("--run", required=True, help="a run folder (models/<run_name>) or a checkpoint file")
+    p.add_argument("--run", required=True, help="a run folder (models/<run_name>) with its run.json")
     add_runtime_args(p)
     p.add_argument("--n", type=whole(10), default=1000, help="inpaintings (the held-out digits, cycled)")
     p.add_argument("--steps", type=whole(1), default=50, help="steps of the inpainting chain (ddpm)")
