@@ -23,6 +23,9 @@ from runs import parse_run_args, real, run_main, whole
 from utils import UserError
 
 
+GRID_ROWS = 10  # the sample grids' classes at most: the original's 10
+
+
 class Diffusion(ddpm.Diffusion):
     """The unconditional Diffusion whose noise prediction takes labels and classifier-free guidance."""
 
@@ -111,6 +114,10 @@ class Trainer(ddpm.Trainer):
         super().__init__(args, loader)
         self.ema = EMA(args.ema_beta, args.ema_start, args.ema_power or None)
         self.ema_model = EMA.copy_of(self.model)
+        if self.run.is_main and args.sample_every and args.num_classes > GRID_ROWS:
+            shown = self.grid_classes().tolist()
+            print(f"sample grids: {GRID_ROWS} of the {args.num_classes} classes, a row each: "
+                  f"{', '.join(args.class_names[k] for k in shown)}")
 
     def build_model(self) -> nn.Module:
         a = self.args
@@ -137,13 +144,19 @@ class Trainer(ddpm.Trainer):
     def sample_grids(self) -> dict[str, torch.Tensor]:
         """One row per class, `n_samples` columns, from the model and from the EMA model."""
         a = self.args
-        labels = torch.arange(a.num_classes, device=self.device).repeat_interleave(a.n_samples)
+        labels = self.grid_classes().to(self.device).repeat_interleave(a.n_samples)
         with self.run.autocast():
             return {suffix: self.diffusion.sample(model, len(labels), labels, **self.sampling())
                     for suffix, model in (("", self.model), ("_ema", self.ema_model))}
 
     def grid_nrow(self) -> int:
         return self.args.n_samples
+
+    def grid_classes(self) -> torch.Tensor:
+        """The grids' classes, a row each: every class, or GRID_ROWS of them spread evenly over many (a grid of
+        every class of a large dataset would cost more than the training)."""
+        k = self.args.num_classes
+        return torch.arange(k) if k <= GRID_ROWS else torch.linspace(0, k - 1, GRID_ROWS).round().long()
 
     def checkpoint(self) -> tuple[dict, dict]:
         files, state = super().checkpoint()

@@ -24,7 +24,7 @@ from tqdm import tqdm
 from devices import (PRECISION_HELP, PRECISIONS, autocast, autocast_dtype, barrier, gather, init_distributed,
                      pick_device, precision_name, seed_everything)
 from modules import shape_problem
-from utils import DATASETS, SeededSampler, UserError, atomic_write, close_loader, first_line, make_grid, save_images
+from utils import DATASETS, SeededSampler, UserError, WriteError, atomic_write, close_loader, first_line, make_grid, save_images
 
 
 class Run:
@@ -52,6 +52,7 @@ class Run:
         self.stop, self.stop_requested = None, False  # Ctrl-C / SIGTERM: finish the step, save, exit
         self.logger, self.bar = None, None  # TensorBoard (rank 0) and the progress bar, opened by training()
         self.steps_per_epoch, self.running, self.count = 0, None, 0  # the loss since the last log
+        self.epoch_end, self.epoch_seconds, self.grid_seconds = 0.0, 0.0, None  # what a sample grid costs
 
     def autocast(self):
         return autocast(self.device, self.amp_dtype)
@@ -165,9 +166,12 @@ class Run:
         self.steps_per_epoch, self.running, self.count = len(loader), torch.zeros((), device=self.device), 0
         self.bar = tqdm(batches, desc=f"epoch {epoch}", initial=self.batch, total=len(loader), dynamic_ncols=True,
                         disable=not self.is_main)
+        start = time.monotonic()
         for images, labels in self.bar:
             yield images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
         self.epoch, self.batch = epoch + 1, 0
+        self.epoch_end = time.monotonic()
+        self.epoch_seconds = self.epoch_end - start
 
     def log_step(self, loss: torch.Tensor, lr: float) -> None:
         """After each step: count it, note a non-finite loss, poll the stop signals (sets `stop_requested`), and
@@ -196,13 +200,19 @@ class Run:
         return self.is_main and bool(every) and ((epoch + 1) % every == 0 or epoch == self.args.epochs - 1)
 
     def save_grids(self, epoch: int, grids: dict[str, torch.Tensor], nrow: int) -> None:
-        """results/<run>/<epoch><suffix>.jpg and TensorBoard, for each {suffix: uint8 images}."""
+        """results/<run>/<epoch><suffix>.jpg and TensorBoard, for each {suffix: uint8 images}. The first time, say
+        what the grids cost beside the training: at large sizes or many classes they can cost more."""
+        if self.grid_seconds is None:
+            self.grid_seconds = time.monotonic() - self.epoch_end  # drawn since the epoch ended
+            print(f"sample grids: {sum(len(images) for images in grids.values())} images in "
+                  f"{self.grid_seconds:.1f} s, after {self.epoch_seconds:.1f} s of training in the epoch "
+                  f"(--sample_every and --n_samples set their cost)")
         folder = Path("results") / self.args.run_name
         for suffix, images in grids.items():
             try:
                 save_images(images, folder / f"{epoch}{suffix}.jpg", nrow=nrow)
-            except OSError as e:
-                raise UserError(f"{write_error(e, folder, images.numel())}; make room: {self.what_is_kept()}") from None
+            except WriteError as e:
+                raise UserError(f"{e}; make room: {self.what_is_kept()}") from None
             self.logger.add_image(f"samples{suffix}", make_grid(images, nrow), epoch)
 
     def save(self, files: dict[str, dict], state: dict) -> None:
@@ -222,9 +232,9 @@ class Run:
                 self.logger.flush()  # every logged step up to this checkpoint is on disk before it
                 for name, content in files.items():
                     save_checkpoint(content, self.folder / name)
-            except OSError as e:  # a full disk, a quota, a read-only folder: each file is the old or the new one
-                raise UserError(f"{write_error(e, self.folder, tensor_bytes(files))}; make room: "
-                                f"{self.what_is_kept()}") from None
+            except (OSError, WriteError) as e:  # a full disk, a quota, a read-only folder: each file is old or new
+                reason = e if isinstance(e, WriteError) else WriteError(e, self.folder, tensor_bytes(files))
+                raise UserError(f"{reason}; make room: {self.what_is_kept()}") from None
         self.saved_step = self.step
         barrier()
 
@@ -371,7 +381,8 @@ def training_parser(description: str, run_name: str, recipe: Callable[[str], str
     p.add_argument("--sample_every", type=whole(0), default=None,
                    help=f"epochs between sample grids, 0 = never; the last epoch always gets one "
                         f"{recipe('sample_every')}")
-    p.add_argument("--n_samples", type=whole(1), default=16, help="images in each sample grid (conditional: per class)")
+    p.add_argument("--n_samples", type=whole(1), default=16,
+                   help="images in each sample grid (conditional: per class, for at most 10 classes)")
     add_runtime_args(p)
     return parser
 
@@ -544,19 +555,13 @@ def tensor_bytes(obj) -> int:
     return 0
 
 
-def write_error(e: OSError, folder: Path, needed: int) -> str:
-    """One line for a failed write: what went wrong where, and the space it needs beside what is free."""
-    free = shutil.disk_usage(folder).free if folder.exists() else 0
-    return (f"could not write to {folder} ({e.strerror}): it needs about {needed / 1e6:.1f} MB there and "
-            f"{free / 1e6:.1f} MB are free; what was written before is intact")
-
-
 def save_checkpoint(obj, path: str | Path) -> None:
-    atomic_write(path, lambda f: torch.save(obj, f))
+    atomic_write(path, lambda f: torch.save(obj, f), needed=tensor_bytes(obj))
 
 
 def save_json(obj, path: str | Path) -> None:
-    atomic_write(path, lambda f: f.write((json.dumps(obj, indent=2) + "\n").encode()))
+    text = (json.dumps(obj, indent=2) + "\n").encode()
+    atomic_write(path, lambda f: f.write(text), needed=len(text))
 
 
 class Pickled:

@@ -2,6 +2,7 @@
 import itertools
 import math
 import os
+import shutil
 import signal
 import sys
 import tempfile
@@ -500,14 +501,30 @@ def close_loader(loader: DataLoader) -> None:
         loader._iterator = None
 
 
-def atomic_write(path: str | Path, write) -> None:
+class WriteError(UserError):
+    """A write that failed (a full disk, a quota, a read-only folder), as one line: the folder, the space needed
+    (when known) and the space free."""
+
+    def __init__(self, error: OSError, folder: Path, needed: int | None = None):
+        existing = next(p for p in (folder, *folder.parents) if p.exists())
+        free = shutil.disk_usage(existing).free
+        need = f"it needs about {needed / 1e6:.1f} MB there and " if needed else ""
+        super().__init__(f"could not write to {folder} ({error.strerror or error}): {need}{free / 1e6:.1f} MB are "
+                         f"free; what was written before is intact")
+
+
+def atomic_write(path: str | Path, write, needed: int | None = None) -> None:
     """Write a file so that it is either the old or the complete new one, even if killed midway.
 
-    `write(f)` writes to a temporary file in the same folder; it is flushed, fsynced and renamed.
+    `write(f)` writes to a temporary file in the same folder; it is flushed, fsynced and renamed. A failed write
+    raises WriteError (`needed`: the bytes it takes, for its message), and leaves the old file as it was.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as e:
+        raise WriteError(e, path.parent, needed) from None
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
@@ -517,9 +534,23 @@ def atomic_write(path: str | Path, write) -> None:
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # the permissions of a plainly created file, not mkstemp's 0600
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
-        raise
+        cause = os_error(e)
+        if cause is None:
+            raise
+        raise WriteError(cause, path.parent, needed) from None
+
+
+def os_error(e: BaseException) -> OSError | None:
+    """The OSError behind a failure: itself, or the one another library's error wraps. torch.save's zip writer
+    reports a full disk as a RuntimeError ("unexpected pos") raised while handling the OSError."""
+    seen = 0
+    while e is not None and seen < 8:
+        if isinstance(e, OSError):
+            return e
+        e, seen = e.__cause__ or e.__context__, seen + 1
+    return None
 
 
 def first_line(e: BaseException) -> str:
@@ -567,7 +598,7 @@ def save_images(images: torch.Tensor, path: str | Path, nrow: int = 8, upscale: 
     fmt = Image.registered_extensions().get(Path(path).suffix.lower(), "PNG")
     if fmt == "JPEG" and array.ndim == 3 and array.shape[-1] == 4:
         array = array[..., :3]  # JPEG has no alpha channel
-    atomic_write(path, lambda f: Image.fromarray(array).save(f, format=fmt))
+    atomic_write(path, lambda f: Image.fromarray(array).save(f, format=fmt), needed=array.nbytes)
 
 
 def plot_images(images: torch.Tensor, nrow: int = 8):

@@ -197,3 +197,16 @@ def test_grids_can_guide_in_an_interval(in_tmp):
     assert not torch.equal(interval.sample_grids()["_ema"], reference)
     with pytest.raises(UserError, match="guidance_interval"):
         ddpm_conditional.parse_args([*args, "--guidance_interval", "50", "100"])
+
+
+def test_grids_of_many_classes_keep_ten_rows_and_say_what_they_cost(in_tmp, capsys):
+    """120 classes would make a grid of 1,920 images (8 a class, model and EMA): more than the training costs."""
+    for k in range(12):
+        write_images(in_tmp / "many" / f"c{k:02d}", 1, size=16, seed=k)
+    ddpm_conditional.main([*TINY, "--dataset_path", "many", "--batch_size", "4", "--epochs", "1",
+                           "--sample_every", "1", "--n_samples", "2"])
+    out = capsys.readouterr().out
+    assert "sample grids: 10 of the 12 classes, a row each: c00, c01, c02, c04, c05, c06, c07, c09, c10, c11" in out
+    assert "sample grids: 40 images in" in out  # 10 rows of 2, from the model and the EMA
+    # 2 columns, 10 rows of 16-pixel images with 2-pixel gaps, enlarged 3x
+    assert grid_size(in_tmp / "results" / "DDPM_conditional" / "0_ema.jpg") == (3 * (2 * 18 + 2), 3 * (10 * 18 + 2))
