@@ -36,8 +36,8 @@ import ddpm
 import ddpm_conditional
 from modules import ORIGINAL_ATTENTION, ORIGINAL_MULT, ORIGINAL_SHAPE, SelfAttention
 from devices import autocast_dtype, cpu_has_native, cpu_supports, pick_device, precision_name
-from runs import add_runtime_args, add_shape_args, ArgumentParser, run_main, save_json, whole
-from utils import UserError
+from files import save_json, UserError
+from runs import add_runtime_args, add_shape_args, ArgumentParser, run_main, whole
 from tools.readme import update_readme_block
 
 

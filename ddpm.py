@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from modules import UNet
 from recipes import ORIGINAL_OPTIONS, RECIPES
-from runs import Run, add_shape_args, parse_run_args, real, run_main, training_parser, whole
+from runs import add_shape_args, parse_run_args, real, Run, run_main, training_parser, whole
 from utils import get_data, square_nrow
 
 

@@ -19,8 +19,8 @@ import torch.nn as nn
 import ddpm
 from modules import EMA, UNet_conditional
 from recipes import CFG_SCALE, CONDITIONAL_ORIGINAL_OPTIONS, CONDITIONAL_RECIPES
+from files import UserError
 from runs import parse_run_args, real, run_main, whole
-from utils import UserError
 
 
 GRID_ROWS = 10  # the sample grids' classes at most: the original's 10

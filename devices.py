@@ -7,7 +7,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from utils import UserError
+from files import UserError
 
 
 def pick_device(name: str | None = None) -> torch.device:

@@ -10,23 +10,29 @@ steps (eps_at, ddpm_step, ddim_step, sample). Each cites its paper. The command 
     python edit.py interpolate --run models/DDPM_conditional --images a.png b.png   # between two inversions
 
 --images takes image files and folders, read as a training folder is, at the run's size (resized, centre-cropped).
+inpaint's --mask is any image, read by one rule (mask_from_image): with transparency its opaque part is filled,
+without its white part, from half up. Every flag is checked against the command and the run before the work.
 Each command writes one grid (--out): a column per image, with rows input / mask / result (inpaint), input /
 result (img2img), input / x_T / decoded (invert), or the frames in a row per pair (interpolate).
 `python -m tools.measure_edits` measures the edits for docs/editing.md.
 """
 import argparse
+import io
 from pathlib import Path
 
 import torch
 import torch.nn as nn
+from PIL import Image
 from tqdm import tqdm
 
 import sample
 from ddpm_conditional import add_guidance_args
 from ddpm import DEFAULT_SAMPLER, DEFAULT_STEPS, SAMPLERS, Diffusion, to_images
 from devices import autocast, autocast_dtype, seed_everything
-from runs import add_runtime_args, ArgumentParser, real, run_main, whole, writable_folder
-from utils import CHANNEL_MODES, inspect_image, open_image, read_folder, save_images, transforms, UserError
+from files import first_line, UserError, writable_folder
+from masks import MASK_RULE, coverage, load_mask
+from runs import add_runtime_args, ArgumentParser, real, run_main, whole
+from utils import CHANNEL_MODES, IMAGE_EXTENSIONS, inspect_image, open_image, save_images, scan_folder, transforms
 
 
 # =========================================================================== the editing methods
@@ -72,6 +78,8 @@ def inpaint(diffusion: Diffusion, model: nn.Module, images: torch.Tensor, mask: 
     `resample` - 1 times. Going up draws x_{t+j} ~ q(x_{t+j} | x_t) in closed form. This lets the generated part
     agree with the known part (section 4.2).
     `sampler` is "ddpm" (RePaint's ancestral chain) or "ddim", over `steps` evenly spaced steps.
+    The mask's values lie in [0, 1], read as the mask files are: 0.5 and up generates, below keeps (a soft mask is
+    not blended: the kept pixels come back exactly). A mask that leaves an image nothing to generate is refused.
     """
     diffusion.check_sampler(sampler, steps, eta)
     if sampler == "dpmpp2m":
@@ -83,11 +91,7 @@ def inpaint(diffusion: Diffusion, model: nn.Module, images: torch.Tensor, mask: 
     diffusion._to(device)
     alpha_hat = diffusion.alpha_hat
     x0 = from_images(images, device)
-    mask = torch.as_tensor(mask, device=device).float()
-    if mask.dim() != 4 or mask.shape[-2:] != x0.shape[-2:] or mask.shape[0] not in (1, len(x0)) \
-            or mask.shape[1] not in (1, x0.shape[1]):
-        raise ValueError(f"mask must be (1 or N, 1 or C, H, W) for images {tuple(x0.shape)}, got "
-                         f"{tuple(mask.shape)}")
+    mask = binary_mask(mask, tuple(x0.shape)).to(device)
     cond = diffusion.condition(model, len(x0), **cond)
     kept = diffusion.timesteps(steps)
     at = kept.tolist() + [0]  # the timestep of each position on the chain: 0 is x_T, len(kept) the image
@@ -95,7 +99,9 @@ def inpaint(diffusion: Diffusion, model: nn.Module, images: torch.Tensor, mask: 
     def known(t: int) -> torch.Tensor:  # eq. 8a: the known part, noised to level t
         return diffusion.noise_images(x0, torch.full((len(x0),), t, device=device))[0]
 
-    x = mask * torch.randn_like(x0) + (1 - mask) * known(at[0])
+    keep = mask == 0  # torch.where, not m * a + (1 - m) * b: the kept part stays exact even if the rest overflows
+    noise = torch.randn_like(x0)
+    x = torch.where(keep, known(at[0]), noise)
     path = repaint_path(len(kept), jump, resample)
     for a, b in tqdm(list(zip(path[:-1], path[1:])), desc="inpainting", leave=False, disable=not progress):
         i, j = at[a], at[b]
@@ -109,8 +115,27 @@ def inpaint(diffusion: Diffusion, model: nn.Module, images: torch.Tensor, mask: 
             x = diffusion.ddpm_step(x, eps, i, beta, (1 - alpha_hat[j]) / (1 - alpha_hat[i]) * beta, j == 0)
         else:
             x = diffusion.ddim_step(x, eps, i, j, eta, j == 0)
-        x = mask * x + (1 - mask) * known(j)  # eq. 8c
-    return to_images(mask * x + (1 - mask) * x0)
+        x = torch.where(keep, known(j), x)  # eq. 8c
+    return to_images(torch.where(keep, x0, x))
+
+
+def binary_mask(mask, shape: tuple[int, ...]) -> torch.Tensor:
+    """inpaint's `mask` checked against images of `shape` (N, C, H, W), as float 0/1: 1 where the value is at least
+    0.5, the rule of the mask files (mask_from_image)."""
+    mask = torch.as_tensor(mask).float()
+    if mask.dim() != 4 or mask.shape[-2:] != shape[-2:] or mask.shape[0] not in (1, shape[0]) \
+            or mask.shape[1] not in (1, shape[1]):
+        raise ValueError(f"mask must be (1 or N, 1 or C, H, W) for images {shape}, got {tuple(mask.shape)}")
+    low, high = mask.min().item(), mask.max().item()
+    if not 0 <= low <= high <= 1:  # nan too
+        got = f"values up to {high:g}" + (": divide by 255" if high <= 255 else "") if high > 1 else \
+            f"values down to {low:g}" if low < 0 else "nan"
+        raise ValueError(f"mask must be 0/1 (1 = generate), got {got}")
+    mask = (mask >= 0.5).float()
+    if empty := (mask.flatten(1).sum(1) == 0).nonzero().flatten().tolist():
+        which = "" if mask.shape[0] == 1 else f" for image(s) {', '.join(map(str, empty))} of {shape[0]}"
+        raise ValueError(f"mask selects nothing to generate{which}: no value is at least 0.5 (1 = generate)")
+    return mask
 
 
 # -------------------- image-to-image: SDEdit (Meng et al. 2022, Algorithm 1 and eq. 4)
@@ -158,6 +183,7 @@ def invert(diffusion: Diffusion, model: nn.Module, images: torch.Tensor, steps: 
     evaluation a step; its error shrinks as the steps get smaller.
     Returns float x_T. A conditional model takes labels; guidance 1 (cfg_scale=1) gives the closest round trip.
     """
+    diffusion.check_sampler("ddim", steps)
     device = next(model.parameters()).device
     diffusion._to(device)
     alpha_hat = diffusion.alpha_hat
@@ -201,6 +227,10 @@ def interpolate(diffusion: Diffusion, model: nn.Module, noise_a: torch.Tensor, n
                          "adds fresh noise at every step")
     if frames < 2:
         raise ValueError(f"frames must be at least 2 (the two ends), got {frames}")
+    shape = (diffusion.c_in, diffusion.img_size, diffusion.img_size)
+    if tuple(noise_a.shape) != shape or tuple(noise_b.shape) != shape:
+        raise ValueError(f"noise_a and noise_b must each be one x_T of shape {shape}, got {tuple(noise_a.shape)} "
+                         f"and {tuple(noise_b.shape)}")
     x = slerp(noise_a, noise_b, torch.linspace(0, 1, frames))
     return diffusion.sample(model, frames, sampler=sampler, steps=steps, noise=x, **kwargs)
 
@@ -210,173 +240,260 @@ def interpolate(diffusion: Diffusion, model: nn.Module, noise_a: torch.Tensor, n
 # --------------------------------------------------------------------------- inputs
 
 def image_files(paths: list[str]) -> list[Path]:
-    """Files as given, folders' images as a training folder's (sorted, litter left out)."""
+    """Files as given, folders' images as a training folder's (sorted, litter left out); each checked readable."""
     files = []
     for path in map(Path, paths):
-        if path.is_dir():
-            files += [p for p, _ in read_folder(path, verbose=False)[0].samples]
-        elif path.is_file():
-            files.append(path)
-        else:
+        if not path.exists():
             raise UserError(f"'{path}' does not exist: give image files or folders of images")
+        found = [p for p, _ in scan_folder(path).samples] if path.is_dir() else [path]
+        if not found:
+            raise UserError(f"'{path}' holds no images ({', '.join(IMAGE_EXTENSIONS)})")
+        files += found
+    for file in files:
+        if isinstance(info := inspect_image(file), str):
+            raise UserError(f"'{file}' is not a readable image ({info})")
     return files
 
 
-def load_inputs(files: list[Path], channels: int, size: int) -> torch.Tensor:
-    """uint8 (N, C, size, size): each file resized (shorter side) and centre-cropped, as evaluate.py's real images.
-    A colour image for a grayscale run is refused: its colour would be lost."""
+def load_inputs(files: list[Path], channels: int, size: int) -> tuple[torch.Tensor, list[tuple[int, int]]]:
+    """uint8 (N, C, size, size): each file resized (shorter side) and centre-cropped, as evaluate.py's real images;
+    and each file's own size. A colour image for a grayscale run is refused: its colour would be lost."""
     T = transforms()
     transform = T.Compose([T.Resize(size), T.CenterCrop(size), T.PILToTensor()])
     for file in files:
-        info = inspect_image(file)
-        if isinstance(info, str):
-            raise UserError(f"'{file}' is not a readable image ({info})")
-        if info.colour and channels == 1:
+        if inspect_image(file).colour and channels == 1:
             raise UserError(f"'{file}' is in colour and the run is grayscale (1 channel): give a grayscale image")
-    return torch.stack([transform(open_image(file, CHANNEL_MODES[channels])) for file in files])
+    images = [open_image(file, CHANNEL_MODES[channels]) for file in files]
+    return torch.stack([transform(im) for im in images]), [im.size for im in images]
 
 
-def load_mask(args: argparse.Namespace, files: list[Path], size: int) -> torch.Tensor:
-    """The region to fill, (1 or N, 1, size, size): --box as fractions of the image, or a --mask image (white =
-    fill) of the input images' size, resized and cropped as they are."""
-    if args.box:
-        left, top, right, bottom = args.box
-        if not (0 <= left < right <= 1 and 0 <= top < bottom <= 1):
-            raise UserError(f"--box {' '.join(f'{v:g}' for v in args.box)}: give LEFT TOP RIGHT BOTTOM as fractions "
-                            f"of the image, 0 <= LEFT < RIGHT <= 1 and 0 <= TOP < BOTTOM <= 1")
-        mask = torch.zeros(1, 1, size, size)
-        mask[..., round(top * size):round(bottom * size), round(left * size):round(right * size)] = 1
-        return mask
-    mask_image = open_image(Path(args.mask), "L")
-    for file in files:
-        width, height = open_image(file, "L").size
-        if (width, height) != mask_image.size:
-            raise UserError(f"the mask {args.mask} is {mask_image.size[0]}x{mask_image.size[1]} and {file} is "
-                            f"{width}x{height}: give a mask of the images' size")
-    T = transforms()
-    transform = T.Compose([T.Resize(size, interpolation=T.InterpolationMode.NEAREST), T.CenterCrop(size),
-                           T.PILToTensor()])
-    return (transform(mask_image)[None] > 127).float()
-
-
-def label_kwargs(args: argparse.Namespace, model, n: int, guided: bool = True) -> dict:
+def label_kwargs(args: argparse.Namespace, model, diffusion: Diffusion, n: int, guided: bool = True) -> dict:
     """The conditioning for n images: --labels (one each, or one for all; -1, the unconditional model, unless
     given) and the guidance flags (the run's, else the original's; unguided for a deterministic round trip)."""
     if not hasattr(model, "num_classes"):
-        if args.labels or args.cfg_scale is not None:
-            raise UserError(f"{args.run} is an unconditional run: --labels and --cfg_scale need a conditional one")
+        if given := [f"--{k}" for k in ("labels", "cfg_scale", "guidance_interval") if getattr(args, k) is not None]:
+            raise UserError(f"{args.run} is an unconditional run: {', '.join(given)} need a class-conditional one")
         return {}
     labels = sample.class_indices(args.labels, model) if args.labels else [-1]
     if len(labels) not in (1, n):
-        each = f", or one for each of the {n} images" if n > 1 else ""
+        each = f", or one for each of the {n} images" if n > 1 else f" ({args.command} keeps one class throughout)"
         raise UserError(f"--labels: give one label{each}, got {len(labels)}")
     settings = sample.recommended(args.run, model)
     cfg_scale = args.cfg_scale if args.cfg_scale is not None else settings["cfg_scale"] if guided else 1.0
+    if args.guidance_interval:
+        (lo, hi), top = args.guidance_interval, diffusion.noise_steps - 1
+        if not lo <= hi <= top:
+            raise UserError(f"--guidance_interval {lo} {hi}: give timesteps LO <= HI of this run's 0..{top}")
+        if cfg_scale == 1 or cfg_scale <= 0:
+            why = (f"--cfg_scale {cfg_scale:g} is no guidance" if args.cfg_scale is not None else
+                   f"{args.command} is unguided (cfg_scale 1) unless --cfg_scale is given")
+            raise UserError(f"--guidance_interval: {why}, so there is no guidance to limit: give --cfg_scale above "
+                            f"1 too, or drop --guidance_interval")
     interval = args.guidance_interval or (settings["guidance_interval"] if guided else None)
     return dict(labels=torch.tensor(labels).expand(n), cfg_scale=cfg_scale, guidance_interval=interval)
+
+
+def steps_of(args: argparse.Namespace, diffusion: Diffusion, default: int) -> int:
+    """--steps, checked against the run's chain; unless given, `default`, or the whole chain if it is shorter."""
+    if (args.steps or 0) >= diffusion.noise_steps:
+        raise UserError(f"--steps {args.steps}: this run has {diffusion.noise_steps} noise steps: give at most "
+                        f"{diffusion.noise_steps - 1}")
+    return args.steps or min(default, diffusion.noise_steps - 1)
+
+
+# --------------------------------------------------------------------------- the flags, checked before the work
+
+def check_flags(args: argparse.Namespace) -> None:
+    """The flags against the command and each other, before anything is read."""
+    command, sampler, images, seeds = args.command, args.sampler, args.images, getattr(args, "seeds", None)
+    if command == "inpaint":
+        if sampler == "dpmpp2m":
+            raise UserError("--sampler dpmpp2m: inpainting takes ddpm or ddim (DPM-Solver++'s multistep history "
+                            "does not survive the known part's replacement)")
+        if args.box and not (0 <= args.box[0] < args.box[2] <= 1 and 0 <= args.box[1] < args.box[3] <= 1):
+            raise UserError(f"--box {' '.join(f'{v:g}' for v in args.box)}: give LEFT TOP RIGHT BOTTOM as fractions "
+                            f"of the image, 0 <= LEFT < RIGHT <= 1 and 0 <= TOP < BOTTOM <= 1")
+        if args.jump is not None and (args.resample or 1) == 1:
+            raise UserError(f"--jump {args.jump}: RePaint jumps back only when it resamples: give --resample 2 or "
+                            f"more too, or drop --jump")
+    if command == "img2img" and not 0 <= args.strength <= 1:
+        raise UserError(f"--strength must be in [0, 1], got {args.strength:g}: 0 keeps the images, 1 samples afresh")
+    if command == "invert" and sampler not in (None, "ddim"):
+        raise UserError(f"--sampler {sampler}: invert runs DDIM both ways (the inversion is DDIM's): drop --sampler")
+    if command == "interpolate" and sampler == "ddpm":
+        raise UserError("--sampler ddpm: interpolation decodes with a deterministic sampler, ddim or dpmpp2m (the "
+                        "ancestral chain adds fresh noise at every step)")
+    if images is not None and seeds is not None:
+        raise UserError("--seeds with --images: the two ends are the images' inversions, or two seeds' noise: give "
+                        "one of the two")
+    if command == "interpolate" and images is not None and sampler == "dpmpp2m":
+        raise UserError("--sampler dpmpp2m with --images: the ends are DDIM inversions, which only DDIM decodes back "
+                        "into the images: drop --sampler")
+    if seeds is not None and seeds[0] == seeds[1]:
+        raise UserError(f"--seeds {seeds[0]} {seeds[1]}: the two ends are one x_T, and every frame the same image: "
+                        f"give two seeds")
+    if command in ("invert", "interpolate") and args.seed is not None:
+        ends = ": the two x_T come from --seeds (or --images)" if command == "interpolate" else ""
+        raise UserError(f"--seed: {command} draws no noise (its sampler is deterministic){ends}: drop --seed")
+
+
+def check_inputs(args: argparse.Namespace, files: list[Path]) -> None:
+    """The number of images, and the mask file: before the run is loaded."""
+    if args.command == "interpolate" and args.images is not None:
+        if len(files) != 2:
+            raise UserError(f"interpolate takes two end points: --images A B, or --seeds A B: {len(files)} given")
+        if files[0].resolve() == files[1].resolve():
+            raise UserError(f"--images gives {files[0]} twice: the two ends would be one image")
+    if getattr(args, "mask", None):
+        if not (path := Path(args.mask)).is_file():
+            raise UserError(f"--mask {path}: {'a folder' if path.is_dir() else 'no such file'}: give one image")
+        if isinstance(info := inspect_image(path), str):
+            raise UserError(f"--mask {path} is not a readable image ({info})")
+
+
+def output_file(args: argparse.Namespace, files: list[Path]) -> Path:
+    """--out, checked: a format Pillow writes, not one of the inputs, in a writable folder."""
+    out = Path(args.out or f"edit_{args.command}.png")
+    if Image.registered_extensions().get(out.suffix.lower()) not in Image.SAVE:
+        why = "has no extension" if not out.suffix else f"{out.suffix}: Pillow cannot write that format"
+        raise UserError(f"--out {out} {why}: give an image file, .png (or .jpg, .webp, .bmp, .tif...)")
+    inputs = files + ([Path(args.mask)] if getattr(args, "mask", None) else [])
+    if out.exists() and out.resolve() in {f.resolve() for f in inputs}:
+        raise UserError(f"--out {out} is one of the inputs, which the grid would overwrite: give another name")
+    writable_folder(out.parent)
+    return out
+
+
+def check_output_format(out: Path, channels: int) -> None:
+    """The grid's mode (the run's channels) in --out's format, tried on one pixel before the work."""
+    fmt, mode = Image.registered_extensions()[out.suffix.lower()], CHANNEL_MODES[channels]
+    try:
+        Image.new("RGB" if fmt == "JPEG" and mode == "RGBA" else mode, (1, 1)).save(io.BytesIO(), format=fmt)
+    except (OSError, ValueError, KeyError) as e:  # (save_images drops a JPEG's alpha)
+        raise UserError(f"--out {out}: Pillow cannot write this run's {mode} images as {fmt} ({first_line(e)}): "
+                        f"give a .png")
 
 
 # --------------------------------------------------------------------------- the commands
 
 def run(args: argparse.Namespace) -> None:
-    out = Path(args.out or f"edit_{args.command}.png")
-    writable_folder(out.parent)  # before the work
-    model, diffusion = sample.load(args.run, ema=not args.no_ema, device=args.device, image_size=args.image_size)
-    device = next(model.parameters()).device
-    seed_everything(args.seed)
-    size, channels = diffusion.img_size, diffusion.c_in
+    check_flags(args)  # everything that can be checked before the work is checked before it, cheapest first
     files = image_files(args.images) if args.images else []
-    if args.command != "interpolate" and not files:
-        raise UserError(f"{args.command} needs --images: image files or folders")
-    x = load_inputs(files, channels, size) if files else None
+    check_inputs(args, files)
+    out = output_file(args, files)
+    model, diffusion = sample.load_from_flags(args.run, args.no_ema, args.device, args.image_size)  # each checked
+    check_output_format(out, diffusion.c_in)
+    work = prepare(args, model, diffusion, files)
+    device = next(model.parameters()).device
+    seed_everything(args.seed or 0)
     with autocast(device, autocast_dtype(args.precision, device)):
-        try:
-            rows, nrow = edit(args, model, diffusion, files, x)
-        except ValueError as e:  # the methods' own checks: steps, eta, strength, labels
-            raise UserError(str(e))
+        rows, nrow = work()
     save_images(torch.cat([row.cpu() for row in rows]), out, nrow=nrow)
     print(f"wrote {out}")
 
 
-def edit(args, model, diffusion, files: list[Path], x: torch.Tensor | None) -> tuple[list[torch.Tensor], int]:
-    """The command's rows of the grid, and the images a row."""
-    size, n = diffusion.img_size, len(files)
-    if args.command == "inpaint":
-        mask = load_mask(args, files, size)
-        filled = inpaint(diffusion, model, x, mask, sampler=args.sampler or "ddpm", steps=args.steps or 50,
-                         jump=args.jump, resample=args.resample, **label_kwargs(args, model, n))
-        shown = ((x.float() * (1 - mask)).round().to(torch.uint8), (mask.expand_as(x.float()) * 255).to(torch.uint8))
-        return [x, *shown, filled], n
-    if args.command == "img2img":
-        kwargs = dict(sampler=args.sampler or DEFAULT_SAMPLER, steps=args.steps or DEFAULT_STEPS)
-        return [x, img2img(diffusion, model, x, args.strength, **kwargs, **label_kwargs(args, model, n))], n
-    steps = args.steps or 50
-    if args.command == "invert":
-        cond = label_kwargs(args, model, n, guided=False)
-        x_T = invert(diffusion, model, x, steps=steps, **cond)
-        decoded = diffusion.sample(model, n, sampler="ddim", steps=steps, noise=x_T, progress=False, **cond)
-        error = (decoded.float() - x.float()).abs().mean().item()
-        print(f"decoded from x_T: mean absolute error {error:.2f} of 255 ({steps} DDIM steps)")
-        return [x, to_images(x_T / 3), decoded], n  # x_T shown at a third of its scale: N(0, 1) within [-1, 1]
-    # interpolate: between two seeds' noise, or two inversions
-    if files and n != 2 or not files and len(args.seeds) != 2:
-        raise UserError("interpolate takes two end points: --images A B, or --seeds A B")
-    cond = label_kwargs(args, model, 1, guided=False)
-    cond = {**cond, "labels": cond["labels"][0]} if cond else {}  # one class along the whole path
-    if files:
-        ends = invert(diffusion, model, x, steps=steps, **cond)
-    else:
-        shape = (diffusion.c_in, size, size)
-        ends = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in args.seeds])
-    frames = interpolate(diffusion, model, ends[0], ends[1], args.frames, sampler=args.sampler or "ddim",
-                         steps=steps, **cond)
-    return [frames], args.frames
+def prepare(args, model, diffusion: Diffusion, files: list[Path]):
+    """The checks that need the run (loaded: cheap), then the command's work as a function that returns the grid's
+    rows and the images a row. inpaint and img2img first say in one line what they will do."""
+    size, n, command = diffusion.img_size, len(files), args.command
+    x, sizes = load_inputs(files, diffusion.c_in, size) if files else (None, [])
+    steps = steps_of(args, diffusion, DEFAULT_STEPS if command == "img2img" else 50)
+    cond = label_kwargs(args, model, diffusion, n if files and command != "interpolate" else 1,
+                        guided=command in ("inpaint", "img2img"))
+    if command == "inpaint":
+        jump, resample = args.jump or 10, args.resample or 1
+        if resample > 1 and jump >= steps:
+            raise UserError(f"--resample {resample}: the chain jumps back every --jump {jump} steps before its end, "
+                            f"and {steps} steps have no such point: give a --jump below --steps")
+        mask, how = load_mask(args, sizes, files, size)
+        print(coverage(mask, how))
+
+        def work():
+            filled = inpaint(diffusion, model, x, mask, sampler=args.sampler or "ddpm", steps=steps, jump=jump,
+                             resample=resample, **cond)
+            return [x, (x * (1 - mask)).to(torch.uint8), (mask.expand_as(x.float()) * 255).to(torch.uint8), filled], n
+    elif command == "img2img":
+        sampler, top = args.sampler or DEFAULT_SAMPLER, diffusion.noise_steps - 1
+        chain, t0 = diffusion.timesteps(steps, log_snr=sampler == "dpmpp2m"), round(args.strength * top)
+        k, lowest = int((chain <= t0).sum()), chain[-1].item()
+        print(f"img2img: strength {args.strength:g} " + (f"noises each image to t = {t0} of {top}, then {k} of the "
+              f"{steps} {sampler} steps denoise it" if k else f"reaches none of the {steps} {sampler} steps (the "
+              f"lowest at t = {lowest}): the images come back unchanged"))
+
+        def work():
+            return [x, img2img(diffusion, model, x, args.strength, sampler=sampler, steps=steps, **cond)], n
+    elif command == "invert":
+        def work():
+            x_T = invert(diffusion, model, x, steps=steps, **cond)
+            decoded = diffusion.sample(model, n, sampler="ddim", steps=steps, noise=x_T, progress=False, **cond)
+            error = (decoded.float() - x.float()).abs().mean().item()
+            print(f"decoded from x_T: mean absolute error {error:.2f} of 255 ({steps} DDIM steps)")
+            return [x, to_images(x_T / 3), decoded], n  # x_T shown at a third of its scale: N(0, 1) within [-1, 1]
+    else:  # interpolate: between two seeds' noise, or two inversions, along one class
+        cond = {**cond, "labels": cond["labels"][0]} if cond else {}
+
+        def work():
+            if files:
+                ends = invert(diffusion, model, x, steps=steps, **cond)
+            else:
+                ends = torch.stack([torch.randn((diffusion.c_in, size, size), generator=torch.Generator()
+                                                .manual_seed(s)) for s in args.seeds or (0, 1)])
+            return [interpolate(diffusion, model, ends[0], ends[1], args.frames, sampler=args.sampler or "ddim",
+                                steps=steps, **cond)], args.frames
+    return work
 
 
 # --------------------------------------------------------------------------- the flags
 
 def build_parser() -> ArgumentParser:
     p = ArgumentParser("Inpaint, image-to-image, invert and interpolate with a trained run.",
-                       epilog="Each command's flags: python edit.py COMMAND --help. The edits' measurements: "
-                              "python -m tools.measure_edits --help.")
+                       epilog="Each command's flags: python edit.py COMMAND --help. Every flag is checked against the "
+                              "command and the run before the work. The edits' measurements: python -m "
+                              "tools.measure_edits --help.")
     commands = p.add_subparsers(dest="command", required=True)
     helps = {"inpaint": "fill a masked part of each image (RePaint)",
              "img2img": "noise each image part of the way and denoise it (SDEdit)",
              "invert": "find the x_T that DDIM decodes into each image, and decode it",
              "interpolate": "decode the slerp between two x_T (two seeds, or two inverted images)"}
+    samplers = {"inpaint": "ddpm (RePaint's ancestral chain) or ddim (default: ddpm)",
+                "img2img": f"any (default: {DEFAULT_SAMPLER})", "invert": "ddim only: the inversion is DDIM's",
+                "interpolate": "decoding: ddim or dpmpp2m; with --images ddim only (default: ddim)"}
     for name, help_text in helps.items():
         c = commands.add_parser(name, help=help_text, description=help_text)
         c.add_argument("--run", required=True, help="a run folder (models/<run_name>) or a checkpoint file")
         add_runtime_args(c)
-        c.add_argument("--images", nargs="+" if name != "interpolate" else "*", default=None,
-                       help="image files or folders" + (" (two: interpolate between their inversions)"
-                                                        if name == "interpolate" else ""))
+        if name in ("invert", "interpolate"):  # deterministic: a --seed would change nothing, and is refused
+            c.set_defaults(seed=None)
+        c.add_argument("--images", nargs="+", default=None, required=name != "interpolate",
+                       help="image files or folders" + (" (two: between their inversions)" if name == "interpolate"
+                                                        else ""))
         c.add_argument("--labels", nargs="+", default=None,
                        help="conditional runs: a class (index or name) for all images, or one each; -1 = none "
                             "(default: -1)")
         add_guidance_args(c)
-        c.add_argument("--sampler", choices=SAMPLERS, default=None,
-                       help={"inpaint": "ddpm (RePaint's ancestral chain) or ddim (default: ddpm)",
-                             "img2img": f"any (default: {DEFAULT_SAMPLER})", "invert": "decoding: ddim",
-                             "interpolate": "decoding: ddim or dpmpp2m (default: ddim)"}[name])
+        c.add_argument("--sampler", choices=SAMPLERS, default=None, help=samplers[name])
         c.add_argument("--steps", type=whole(1), default=None,
-                       help=f"sampler steps (default: {DEFAULT_STEPS} for img2img, else 50)")
+                       help=f"sampler steps, below the run's noise steps (default: "
+                            f"{DEFAULT_STEPS if name == 'img2img' else 50}, or all if the run has fewer)")
         c.add_argument("--no_ema", action="store_true", help="use ckpt.pt even when ema_ckpt.pt exists")
         c.add_argument("--image_size", type=whole(8), default=None, help="a bare checkpoint's image size (64)")
-        c.add_argument("--out", default=None, help="the grid image (default: edit_<command>.png)")
+        c.add_argument("--out", default=None, help=f"the grid image, a format Pillow writes (default: edit_{name}.png)")
         if name == "inpaint":
             where = c.add_mutually_exclusive_group(required=True)
             where.add_argument("--box", type=real(0), nargs=4, metavar=("LEFT", "TOP", "RIGHT", "BOTTOM"),
-                               help="the region to fill, as fractions of the image (0.5 0 1 1: the right half)")
-            where.add_argument("--mask", default=None, help="an image of the images' size, white where to fill")
-            c.add_argument("--jump", type=whole(1), default=10,
-                           help="RePaint's jump length (steps between resamplings)")
-            c.add_argument("--resample", type=whole(1), default=1, help="RePaint's resamplings (1: none)")
+                               help="the region to fill, as fractions of the image (0.5 0 1 1: the right half); "
+                                    "every pixel it touches is filled")
+            where.add_argument("--mask", default=None, help=f"an image of the input images' size (resized and "
+                                                            f"cropped as they are) or of the run's: {MASK_RULE}")
+            c.add_argument("--jump", type=whole(1), default=None,
+                           help="with --resample: steps between resamplings, below --steps (default: 10)")
+            c.add_argument("--resample", type=whole(1), default=None, help="RePaint's resamplings (default: 1, none)")
         if name == "img2img":
             c.add_argument("--strength", type=real(0), required=True,
                            help="how far the image is noised, in [0, 1]: 0 returns it, 1 samples afresh")
         if name == "interpolate":
-            c.add_argument("--seeds", type=whole(), nargs=2, default=[0, 1], help="the two x_T's seeds")
+            c.add_argument("--seeds", type=whole(), nargs=2, default=None,
+                           help="the two x_T's seeds, without --images (default: 0 1)")
             c.add_argument("--frames", type=whole(2), default=8, help="images from one end to the other")
     return p
 

@@ -1,15 +1,12 @@
-"""A training run's plumbing: the command line, run folders, checkpoint files, resuming and stop signals."""
+"""A training run's plumbing: the command line, run folders, saving and resuming, stop signals (the Run object)."""
 import argparse
-import json
 import math
 import os
 import re
 import shutil
 import signal
 import sys
-import tempfile
 import time
-import zipfile
 from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
@@ -21,10 +18,11 @@ from torch.utils.data import DataLoader
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
-from devices import (PRECISION_HELP, PRECISIONS, autocast, autocast_dtype, barrier, gather, init_distributed,
-                     pick_device, precision_name, seed_everything)
+from devices import (autocast, autocast_dtype, barrier, gather, init_distributed, pick_device, PRECISION_HELP,
+                     precision_name, PRECISIONS, seed_everything)
+from files import load_checkpoint, save_checkpoint, save_json, tensor_bytes, UserError, writable_folder, WriteError
+from utils import close_loader, DATASETS, make_grid, save_images, SeededSampler
 from modules import shape_problem
-from utils import DATASETS, SeededSampler, UserError, WriteError, atomic_write, close_loader, first_line, make_grid, save_images
 
 
 class Run:
@@ -271,7 +269,6 @@ class Run:
                     f"{self.args.run_name})")
         return (f"the checkpoint of step {self.saved_step} in {self.folder} is kept; resume with: "
                 f"{resume_command(self.args, self.world_size)}")
-
 
 
 def run_main(main) -> None:
@@ -532,74 +529,3 @@ def setup_logging(run_name: str, overwrite: bool = False) -> None:
         writable_folder(folder, "run from a writable folder")
 
 
-def writable_folder(folder: str | Path, fix: str = "give another place") -> Path:
-    """Create `folder` and its parents, and check that a file can be written there: before the work, not after."""
-    folder = Path(folder)
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=folder):
-            pass
-    except OSError as e:
-        raise UserError(f"cannot write to '{folder}' ({e.strerror}): {fix}")
-    return folder
-
-
-def tensor_bytes(obj) -> int:
-    """The bytes of every tensor in a (nested) state dict: about what torch.save writes."""
-    if isinstance(obj, torch.Tensor):
-        return obj.numel() * obj.element_size()
-    if isinstance(obj, dict):
-        return sum(tensor_bytes(v) for v in obj.values())
-    if isinstance(obj, (list, tuple)):
-        return sum(tensor_bytes(v) for v in obj)
-    return 0
-
-
-def save_checkpoint(obj, path: str | Path) -> None:
-    atomic_write(path, lambda f: torch.save(obj, f), needed=tensor_bytes(obj))
-
-
-def save_json(obj, path: str | Path) -> None:
-    text = (json.dumps(obj, indent=2) + "\n").encode()
-    atomic_write(path, lambda f: f.write(text), needed=len(text))
-
-
-class Pickled:
-    """Stands in for every class a checkpoint names (a model saved whole, `torch.save(model)`): it keeps the state
-    unpickling hands it and runs nothing, so the weights can be read without executing code from the file."""
-
-    def __init__(self, *args, **kwargs):
-        self.state = None
-
-    def __setstate__(self, state):
-        self.state = state
-
-
-def load_checkpoint(path: str | Path, map_location="cpu", objects: bool = False):
-    """torch.load with weights_only=True: a checkpoint can hold tensors and plain data, never code. With `objects`,
-    the classes a file names (a pickled model) are read as inert `Pickled` stand-ins, their code never run."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"checkpoint '{path}' does not exist")
-    try:
-        return torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:
-        error = e
-    if not zipfile.is_zipfile(path):
-        raise UserError(f"'{path}' is not a checkpoint in torch.save's format (a zip archive)")
-    # A file that names classes or functions: torch's advice, to load it unsafely, is never the way here.
-    names = []
-    if "weights only" in str(error).lower():
-        names = torch.serialization.get_unsafe_globals_in_checkpoint(path)
-    if not names:
-        raise UserError(f"'{path}' is not a readable checkpoint ({first_line(error)})")
-    if not objects:
-        raise UserError(f"'{path}' is not a readable checkpoint: it holds Python objects ({', '.join(names[:3])}), "
-                        f"not only tensors, and this project reads weights only")
-    stand_ins = [(type(name.rsplit(".", 1)[-1], (Pickled,), {}), name) for name in names]
-    try:
-        with torch.serialization.safe_globals(stand_ins):
-            return torch.load(path, map_location=map_location, weights_only=True)
-    except Exception:
-        raise UserError(f"'{path}' is not a readable checkpoint: it holds Python objects ({', '.join(names[:3])}) "
-                        f"that cannot be read without running their code; save the model's state_dict() instead")

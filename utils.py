@@ -2,10 +2,8 @@
 import itertools
 import math
 import os
-import shutil
 import signal
 import sys
-import tempfile
 from collections import Counter, defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,13 +15,11 @@ from PIL import Image, ImageOps
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset, TensorDataset
 from tqdm import tqdm
 
+from files import UserError, atomic_write, first_line
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm",
                     ".pbm", ".pnm", ".tga")
 CHANNEL_MODES = {1: "L", 3: "RGB", 4: "RGBA"}
-
-
-class UserError(Exception):
-    """A mistake in the command line or the data: printed as one line, without a traceback."""
 
 
 # --------------------------------------------------------------------------- data
@@ -499,63 +495,6 @@ def close_loader(loader: DataLoader) -> None:
     if iterator is not None and hasattr(iterator, "_shutdown_workers"):
         iterator._shutdown_workers()
         loader._iterator = None
-
-
-class WriteError(UserError):
-    """A write that failed (a full disk, a quota, a read-only folder), as one line: the folder, the space needed
-    (when known) and the space free."""
-
-    def __init__(self, error: OSError, folder: Path, needed: int | None = None):
-        existing = next(p for p in (folder, *folder.parents) if p.exists())
-        free = shutil.disk_usage(existing).free
-        need = f"it needs about {needed / 1e6:.1f} MB there and " if needed else ""
-        super().__init__(f"could not write to {folder} ({error.strerror or error}): {need}{free / 1e6:.1f} MB are "
-                         f"free; what was written before is intact")
-
-
-def atomic_write(path: str | Path, write, needed: int | None = None) -> None:
-    """Write a file so that it is either the old or the complete new one, even if killed midway.
-
-    `write(f)` writes to a temporary file in the same folder; it is flushed, fsynced and renamed. A failed write
-    raises WriteError (`needed`: the bytes it takes, for its message), and leaves the old file as it was.
-    """
-    path = Path(path)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    except OSError as e:
-        raise WriteError(e, path.parent, needed) from None
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # the permissions of a plainly created file, not mkstemp's 0600
-        os.replace(tmp, path)
-    except BaseException as e:
-        Path(tmp).unlink(missing_ok=True)
-        cause = os_error(e)
-        if cause is None:
-            raise
-        raise WriteError(cause, path.parent, needed) from None
-
-
-def os_error(e: BaseException) -> OSError | None:
-    """The OSError behind a failure: itself, or the one another library's error wraps. torch.save's zip writer
-    reports a full disk as a RuntimeError ("unexpected pos") raised while handling the OSError."""
-    seen = 0
-    while e is not None and seen < 8:
-        if isinstance(e, OSError):
-            return e
-        e, seen = e.__cause__ or e.__context__, seen + 1
-    return None
-
-
-def first_line(e: BaseException) -> str:
-    """An exception's first line, or its type when it has no message."""
-    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
 
 
 def square_nrow(n: int) -> int:

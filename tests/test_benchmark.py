@@ -8,7 +8,7 @@ import benchmark
 import ddpm
 from modules import UNet
 from devices import cpu_has_native, cpu_supports
-from utils import UserError
+from files import UserError
 
 TINY = ["--image_size", "8", "--width", "8", "--batch_size", "4", "--repeats", "1", "--sample_n", "2",
         "--matmul_size", "64", "--precision", "fp32"]

@@ -10,8 +10,8 @@ import torch.nn as nn
 import ddpm
 import sample
 from modules import UNet, UNet_conditional
+from files import UserError
 from runs import run_main
-from utils import UserError
 
 
 class Wrapper(nn.Module):

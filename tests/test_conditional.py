@@ -10,7 +10,7 @@ from conftest import write_images
 from ddpm import SAMPLERS
 from ddpm_conditional import Diffusion
 from modules import UNet_conditional
-from utils import UserError
+from files import UserError
 
 TINY = ["--width", "8", "--image_size", "16", "--precision", "fp32", "--noise_steps", "100", "--sample_steps", "4"]
 

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from conftest import write_images
-from utils import get_data, load_dataset, UserError
+from files import UserError
+from utils import get_data, load_dataset
 
 
 def data_args(**kw):

@@ -7,7 +7,8 @@ import ddpm
 import ddpm_conditional
 import evaluate
 from conftest import write_images
-from utils import load_dataset, UserError
+from files import UserError
+from utils import load_dataset
 
 
 def test_frechet_distance_of_gaussians_matches_closed_form():

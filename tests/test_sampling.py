@@ -17,8 +17,8 @@ import sample
 from ddpm import SAMPLERS, Diffusion
 from evaluate import ExactDenoiser
 from modules import UNet, UNet_conditional
+from files import UserError
 from runs import run_main
-from utils import UserError
 
 
 class FixedNoise(torch.nn.Module):

@@ -10,7 +10,6 @@ import ddpm_conditional
 import sample
 from modules import UNet, UNet_conditional
 from runs import run_main
-from utils import UserError
 
 SHAPES = {
     "the emoji recipe's (attention at 1/4 and 1/8 only)": ["--attention", "4", "8"],

@@ -16,7 +16,8 @@ import pytest
 from PIL import Image
 
 from conftest import ROOT, write_images
-from utils import open_image, read_folder, UserError
+from files import UserError
+from utils import open_image, read_folder
 
 RNG = np.random.default_rng(0)
 

@@ -11,8 +11,8 @@ import ddpm_conditional
 import edit
 import sample
 from conftest import write_images
-from runs import run_main, save_checkpoint
-from utils import WriteError
+from files import save_checkpoint, WriteError
+from runs import run_main
 
 TINY = ["--width", "8", "--image_size", "16", "--precision", "fp32", "--noise_steps", "20", "--limit", "32",
         "--batch_size", "8", "--sample_every", "0", "--run_name", "r"]

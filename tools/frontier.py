@@ -19,8 +19,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from runs import HelpFormatter, load_checkpoint, run_main, save_json, whole
-from utils import as_posix_relative, UserError
+from files import load_checkpoint, save_json, UserError
+from runs import HelpFormatter, run_main, whole
+from utils import as_posix_relative
 from tools.readme import update_readme_block
 
 ROOT = Path(__file__).resolve().parents[1]

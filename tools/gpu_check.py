@@ -19,7 +19,8 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 import benchmark
 import ddpm_conditional
 from devices import autocast_dtype, precision_name
-from runs import load_checkpoint, run_main, save_json
+from files import load_checkpoint, save_json
+from runs import run_main
 from utils import load_dataset, save_images
 
 # One run, resumed in every precision in turn, one epoch each: the loss scaler's state appears

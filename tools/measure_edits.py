@@ -18,9 +18,10 @@ import torch
 import evaluate
 import sample
 from devices import autocast, autocast_dtype, seed_everything
-from edit import inpaint, invert
+from files import UserError
 from runs import add_runtime_args, ArgumentParser, run_main, whole
-from utils import as_posix_relative, UserError
+from utils import as_posix_relative
+from edit import inpaint, invert
 from tools.readme import readme_block, update_readme_block
 
 

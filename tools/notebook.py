@@ -9,8 +9,8 @@ import argparse
 import os
 from pathlib import Path
 
+from files import UserError
 from runs import run_main
-from utils import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -1,7 +1,7 @@
 """The blocks of README.md and docs/ that measuring scripts rewrite, between <!-- NAME:start --> and <!-- NAME:end -->."""
 from pathlib import Path
 
-from utils import UserError, atomic_write
+from files import atomic_write, UserError
 
 
 def readme_block(path: str | Path, name: str) -> tuple[str, str, str, str, str]:
