@@ -17,22 +17,21 @@ result (img2img), input / x_T / decoded (invert), or the frames in a row per pai
 `python -m tools.measure_edits` measures the edits for docs/editing.md.
 """
 import argparse
-import io
 from pathlib import Path
 
 import torch
 import torch.nn as nn
-from PIL import Image
 from tqdm import tqdm
 
 import sample
 from ddpm_conditional import add_guidance_args
 from ddpm import DEFAULT_SAMPLER, DEFAULT_STEPS, SAMPLERS, Diffusion, to_images
 from devices import autocast, autocast_dtype, seed_everything
-from files import first_line, UserError, writable_folder
+from files import UserError, writable_folder
 from masks import MASK_RULE, coverage, load_mask
 from runs import add_runtime_args, ArgumentParser, real, run_main, whole
-from utils import CHANNEL_MODES, IMAGE_EXTENSIONS, inspect_image, open_image, save_images, scan_folder, transforms
+from utils import (CHANNEL_MODES, check_image_file, IMAGE_EXTENSIONS, inspect_image, open_image, save_images,
+                   scan_folder, transforms)
 
 
 # =========================================================================== the editing methods
@@ -354,24 +353,12 @@ def check_inputs(args: argparse.Namespace, files: list[Path]) -> None:
 def output_file(args: argparse.Namespace, files: list[Path]) -> Path:
     """--out, checked: a format Pillow writes, not one of the inputs, in a writable folder."""
     out = Path(args.out or f"edit_{args.command}.png")
-    if Image.registered_extensions().get(out.suffix.lower()) not in Image.SAVE:
-        why = "has no extension" if not out.suffix else f"{out.suffix}: Pillow cannot write that format"
-        raise UserError(f"--out {out} {why}: give an image file, .png (or .jpg, .webp, .bmp, .tif...)")
+    check_image_file(out, flag="--out")
     inputs = files + ([Path(args.mask)] if getattr(args, "mask", None) else [])
     if out.exists() and out.resolve() in {f.resolve() for f in inputs}:
         raise UserError(f"--out {out} is one of the inputs, which the grid would overwrite: give another name")
     writable_folder(out.parent)
     return out
-
-
-def check_output_format(out: Path, channels: int) -> None:
-    """The grid's mode (the run's channels) in --out's format, tried on one pixel before the work."""
-    fmt, mode = Image.registered_extensions()[out.suffix.lower()], CHANNEL_MODES[channels]
-    try:
-        Image.new("RGB" if fmt == "JPEG" and mode == "RGBA" else mode, (1, 1)).save(io.BytesIO(), format=fmt)
-    except (OSError, ValueError, KeyError) as e:  # (save_images drops a JPEG's alpha)
-        raise UserError(f"--out {out}: Pillow cannot write this run's {mode} images as {fmt} ({first_line(e)}): "
-                        f"give a .png")
 
 
 # --------------------------------------------------------------------------- the commands
@@ -382,7 +369,7 @@ def run(args: argparse.Namespace) -> None:
     check_inputs(args, files)
     out = output_file(args, files)
     model, diffusion = sample.load_from_flags(args.run, args.no_ema, args.device, args.image_size)  # each checked
-    check_output_format(out, diffusion.c_in)
+    check_image_file(out, diffusion.c_in, flag="--out")
     work = prepare(args, model, diffusion, files)
     device = next(model.parameters()).device
     seed_everything(args.seed or 0)

@@ -9,7 +9,6 @@ In a notebook:
     x = diffusion.sample(model, 10, labels=torch.arange(10), sampler="ddim")
 """
 import argparse
-import io
 import json
 import numbers
 import sys
@@ -18,7 +17,6 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-from PIL import Image
 
 import ddpm
 import ddpm_conditional
@@ -27,7 +25,7 @@ from modules import UNet, UNet_conditional
 from devices import autocast, autocast_dtype, pick_device, seed_everything
 from files import load_checkpoint, Pickled, UserError, writable_folder
 from runs import add_runtime_args, ArgumentParser, real, run_main, whole
-from utils import grid_array, GRID_SIDE, save_images, square_nrow
+from utils import check_image_file, save_images, square_nrow
 
 
 FIRST_CONV = "inc.double_conv.0.weight"  # every UNet of this project and of the original has it: where one begins
@@ -318,34 +316,6 @@ def full_chain(steps: int, sampler: str, diffusion: ddpm.Diffusion) -> int | Non
     return None if sampler == "ddpm" else diffusion.noise_steps - 1
 
 
-def grid_format(out: str) -> str:
-    """The PIL format that --out's extension names; refused unless PIL writes it (checked before any work)."""
-    if Path(out).is_dir():
-        raise UserError(f"--out {out} is a folder: give the grid's file name, such as {Path(out) / 'samples.png'}")
-    suffix = Path(out).suffix.lower()
-    fmt = Image.registered_extensions().get(suffix)
-    if fmt in Image.SAVE:
-        return fmt
-    why = ("has no extension to name the image format" if not suffix else
-           f"ends in '{suffix}', which names no image format PIL knows" if fmt is None else
-           f"ends in '{suffix}', {fmt}, a format PIL reads but does not write")
-    raise UserError(f"--out {out} {why}: end it in .png, .jpg or .webp, for example")
-
-
-def check_grid_file(out: str, fmt: str, images: int, nrow: int, diffusion: ddpm.Diffusion) -> None:
-    """Encode a blank grid of the run's shape and channels as `fmt` in memory: a format that cannot hold them (XBM,
-    EPS or PCX with alpha, ...) is refused before sampling rather than after."""
-    blank = torch.zeros(images, diffusion.c_in, diffusion.img_size, diffusion.img_size, dtype=torch.uint8)
-    array = grid_array(blank, nrow, GRID_SIDE)
-    if fmt == "JPEG" and array.ndim == 3 and array.shape[-1] == 4:
-        array = array[..., :3]  # as save_images does: JPEG has no alpha channel
-    try:
-        Image.fromarray(array).save(io.BytesIO(), format=fmt)
-    except (OSError, ValueError, KeyError) as e:
-        raise UserError(f"--out {out}: PIL cannot write this run's {diffusion.c_in}-channel images as {fmt} "
-                        f"({str(e).strip() or type(e).__name__}): end it in .png, .jpg or .webp, for example")
-
-
 def check_guidance(args: argparse.Namespace, given: set[str], classes: list[int], steps: int | None,
                    diffusion: ddpm.Diffusion) -> None:
     """--cfg_scale and --guidance_interval against the labels, the scale and the sampler's timesteps: an interval
@@ -407,7 +377,7 @@ def main(argv: list[str] | None = None) -> None:
         raise UserError(f"--eta must be in [0, 1], got {args.eta:g}")
     if args.eta is not None and args.sampler not in (None, "ddim"):
         raise UserError("--eta is the ddim sampler's noise: drop it, or use --sampler ddim")
-    fmt = grid_format(args.out)
+    check_image_file(args.out, flag="--out")
     writable_folder(Path(args.out).parent)
     if args.out_dir:
         writable_folder(args.out_dir)
@@ -442,7 +412,7 @@ def main(argv: list[str] | None = None) -> None:
     else:
         n = args.n or 8
         nrow = square_nrow(n)
-    check_grid_file(args.out, fmt, n, nrow, diffusion)
+    check_image_file(args.out, diffusion.c_in, flag="--out")
     for warning in (size_warning(args.run, args.image_size), drift_warning(args, model)):  # once nothing is refused
         if warning:
             print(warning, file=sys.stderr)

@@ -1,4 +1,5 @@
 """Data loading (the named datasets and users' folders), image grids and saving, for the training scripts."""
+import io
 import itertools
 import math
 import os
@@ -538,6 +539,28 @@ def save_images(images: torch.Tensor, path: str | Path, nrow: int = 8, upscale: 
     if fmt == "JPEG" and array.ndim == 3 and array.shape[-1] == 4:
         array = array[..., :3]  # JPEG has no alpha channel
     atomic_write(path, lambda f: Image.fromarray(array).save(f, format=fmt), needed=array.nbytes)
+
+
+def check_image_file(path: str | Path, channels: int | None = None, flag: str = "") -> None:
+    """Before the work: `path` ends in an extension naming a format Pillow writes, one that holds `channels`
+    channels when given (a JPEG drops the alpha, as save_images does). A UserError naming `flag` and the path."""
+    path, name = Path(path), f"{flag} {path}".strip()
+    if path.is_dir():
+        raise UserError(f"{name} is a folder: give an image file's name, such as {path / 'samples.png'}")
+    suffix = path.suffix.lower()
+    fmt = Image.registered_extensions().get(suffix)
+    if fmt not in Image.SAVE:
+        why = ("has no extension to name the image format" if not suffix else
+               f"ends in '{suffix}', which names no image format Pillow knows" if fmt is None else
+               f"ends in '{suffix}', {fmt}, a format Pillow reads but does not write")
+        raise UserError(f"{name} {why}: end it in .png, .jpg or .webp, for example")
+    if channels:
+        mode = CHANNEL_MODES[channels]
+        try:
+            Image.new("RGB" if fmt == "JPEG" and mode == "RGBA" else mode, (1, 1)).save(io.BytesIO(), format=fmt)
+        except (OSError, ValueError, KeyError) as e:
+            raise UserError(f"{name}: Pillow cannot write {channels}-channel images as {fmt} ({first_line(e)}): end "
+                            f"it in .png, .jpg or .webp, for example")
 
 
 def plot_images(images: torch.Tensor, nrow: int = 8):

@@ -106,11 +106,11 @@ def refuse(runs_dir, tmp_path, capsys, monkeypatch, run: str, flags: list[str]) 
     ("cond", ["--device", "nowhere"], r"unknown device 'nowhere'"),
     ("cond", ["--seed", "-1"], r"--seed must be in \[0, 2\^32 - 1\], got -1"),
     # --out: a format PIL writes, for this run's channels
-    ("cond", ["--out", "OUT/grid.xyz"], r"--out .*grid.xyz ends in '.xyz', which names no image format PIL knows"),
+    ("cond", ["--out", "OUT/grid.xyz"], r"--out .*grid.xyz ends in '.xyz', which names no image format Pillow knows"),
     ("cond", ["--out", "OUT/grid"], r"--out .*grid has no extension to name the image format"),
-    ("cond", ["--out", "OUT/grid.psd"], r"ends in '.psd', PSD, a format PIL reads but does not write"),
-    ("cond", ["--out", "OUT/grid.xbm"], r"PIL cannot write this run's 1-channel images as XBM"),
-    ("cond", ["--out", "OUT"], r"--out .*OUT is a folder: give the grid's file name"),
+    ("cond", ["--out", "OUT/grid.psd"], r"ends in '.psd', PSD, a format Pillow reads but does not write"),
+    ("cond", ["--out", "OUT/grid.xbm"], r"Pillow cannot write 1-channel images as XBM"),
+    ("cond", ["--out", "OUT"], r"--out .*OUT is a folder: give an image file's name"),
 ])
 def test_a_flag_the_run_cannot_honour_is_refused_before_sampling(runs_dir, tmp_path, capsys, monkeypatch,
                                                                  run, flags, message):

@@ -335,11 +335,11 @@ REFUSED = [
     (["invert", "--images", "mine", "--guidance_interval", "0", "5"],
      "--guidance_interval: invert is unguided \\(cfg_scale 1\\) unless --cfg_scale is given", False),
     # the output
-    (["invert", "--images", "mine", "--out", "grid.xyz"], "--out grid.xyz .xyz: Pillow cannot write that format",
+    (["invert", "--images", "mine", "--out", "grid.xyz"], "--out grid.xyz ends in '.xyz', which names no image format Pillow knows",
      True),
     (["invert", "--images", "mine", "--out", "grid"], "--out grid has no extension", True),
     (["invert", "--images", "mine", "--out", "mine/1.png"], "--out mine/1.png is one of the inputs", True),
-    (["invert", "--images", "mine", "--out", "grid.xbm"], "Pillow cannot write this run's L images as XBM", False),
+    (["invert", "--images", "mine", "--out", "grid.xbm"], "Pillow cannot write 1-channel images as XBM", False),
 ]
 
 

@@ -19,7 +19,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from files import load_checkpoint, save_json, UserError
+from files import atomic_write, load_checkpoint, save_json, UserError
 from runs import HelpFormatter, run_main, whole
 from utils import as_posix_relative
 from tools.readme import update_readme_block
@@ -91,7 +91,7 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     fd.legend()
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100))
     plt.close(fig)
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from ddpm import SAMPLERS
-from files import load_checkpoint
+from files import atomic_write, load_checkpoint
 from utils import as_posix_relative, grid_array
 from tools.readme import update_readme_block
 
@@ -204,7 +204,7 @@ def plot_sweeps(report: dict, grids: dict, conditional: bool, model, out_dir: Pa
             ax.set_title(key)
         fig.suptitle(f"guidance sweep ({setting_name({**main, 'cfg_scale': None})}, n={report['n']})")
         fig.tight_layout()
-        fig.savefig(out_dir / "sweep_cfg.png", dpi=100)
+        atomic_write(out_dir / "sweep_cfg.png", lambda f: fig.savefig(f, format="png", dpi=100))
         plt.close(fig)
         side_by_side([[(f"cfg {r['cfg_scale']:g}", grids[setting_name(r)]) for r in cfg_rows("model")]], model,
                      conditional, out_dir / "sweep_cfg_grids.png")
@@ -223,7 +223,7 @@ def plot_sweeps(report: dict, grids: dict, conditional: bool, model, out_dir: Pa
         guidance = f"cfg {main['cfg_scale']:g}" if conditional else "unconditional"
         fig.suptitle(f"sampler sweep ({guidance}, n={report['n']})")
         fig.tight_layout()
-        fig.savefig(out_dir / "sweep_steps.png", dpi=100)
+        atomic_write(out_dir / "sweep_steps.png", lambda f: fig.savefig(f, format="png", dpi=100))
         plt.close(fig)
         side_by_side([[(f"{r['sampler']}-{r['nfe']}", grids[setting_name(r)])
                        for r in sorted(step_rows, key=lambda r: r["nfe"]) if r["sampler"] == sampler]
@@ -244,5 +244,5 @@ def side_by_side(rows: list[list[tuple[str, torch.Tensor]]], model, conditional:
             ax.imshow(grid_array(sorted_by_label(images, conditional, model)[:100], nrow=10), cmap="gray")
             ax.set_title(title, fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100))
     plt.close(fig)
