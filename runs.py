@@ -308,8 +308,8 @@ class ArgumentParser(argparse.ArgumentParser):
         raise UserError(re.sub(r"^argument ([^:/ ]+)\S*: ", r"\1 ", message))
 
 
-def whole(minimum: int | None = None):
-    """An argparse type: a whole number, at least `minimum`."""
+def whole(minimum: int | None = None, maximum: int | None = None):
+    """An argparse type: a whole number, at least `minimum` and at most `maximum`."""
     def parse(text: str) -> int:
         try:
             value = int(text)
@@ -317,6 +317,8 @@ def whole(minimum: int | None = None):
             raise argparse.ArgumentTypeError(f"must be a whole number, got '{text}'")
         if minimum is not None and value < minimum:
             raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        if maximum is not None and value > maximum:
+            raise argparse.ArgumentTypeError(f"must be at most {maximum}, got {value}")
         return value
     return parse
 
@@ -342,7 +344,8 @@ def add_runtime_args(p: argparse.ArgumentParser) -> None:
     """--device, --precision and --seed, as every script takes them."""
     p.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps")
     p.add_argument("--precision", choices=["auto", *PRECISIONS], default="auto", help=PRECISION_HELP)
-    p.add_argument("--seed", type=whole(), default=0, help="random seed: the same seed gives the same results")
+    p.add_argument("--seed", type=whole(0, 2 ** 31 - 1), default=0,  # numpy takes seeds below 2^32; ranks add theirs
+                   help="random seed: the same seed gives the same results")
 
 
 def training_parser(description: str, run_name: str, recipe: Callable[[str], str]) -> ArgumentParser:
