@@ -145,12 +145,11 @@ class Diffusion:
         if start is not None:
             kept = kept[kept <= start]
         previous = torch.cat([kept[1:], torch.zeros(1, dtype=torch.long)])
-        if steps is None:
-            beta = variance = self.beta[kept.to(device)]  # exactly the original's chain: sigma_t^2 = beta_t
-        else:
-            beta = self.respaced_betas(torch.cat([torch.zeros(1, dtype=torch.long), kept.flip(0)]))[1:].flip(0)
-            # a few large steps cannot undo beta's excess noise: use the posterior variance beta~ (eq. 7)
-            variance = (1 - self.alpha_hat[previous.to(device)]) / (1 - self.alpha_hat[kept.to(device)]) * beta
+        if steps is None:  # exactly the original's chain: sigma_t^2 = beta_t
+            alpha, variance = self.alpha[kept.to(device)], self.beta[kept.to(device)]
+        else:  # a few large steps cannot undo beta's excess noise: use the posterior variance beta~ (eq. 7)
+            alpha = self.respaced_alphas(torch.cat([torch.zeros(1, dtype=torch.long), kept.flip(0)]))[1:].flip(0)
+            variance = (1 - self.alpha_hat[previous.to(device)]) / (1 - self.alpha_hat[kept.to(device)]) * (1 - alpha)
         clip = self.clipped_steps(kept)
         x = torch.randn(shape, device=device) if noise is None else noise.to(device)
         history = None  # dpmpp2m: the previous step's x0 prediction and lambda step
@@ -159,7 +158,7 @@ class Diffusion:
             eps = self.eps_at(model, x, i, clip[k], **cond)
             last = j == 0
             if sampler == "ddpm":
-                x = self.ddpm_step(x, eps, i, beta[k], variance[k], last)
+                x = self.ddpm_step(x, eps, i, alpha[k], variance[k], last)
             elif sampler == "ddim":
                 x = self.ddim_step(x, eps, i, j, eta, last)
             else:
@@ -169,11 +168,11 @@ class Diffusion:
         model.train(was_training)
         return to_images(x)
 
-    def ddpm_step(self, x: torch.Tensor, eps: torch.Tensor, i: int, beta: torch.Tensor, variance: torch.Tensor,
+    def ddpm_step(self, x: torch.Tensor, eps: torch.Tensor, i: int, alpha: torch.Tensor, variance: torch.Tensor,
                   last: bool) -> torch.Tensor:
         """Algorithm 2, line 4: x_{t-1} = 1/sqrt(alpha_t) (x_t - (1 - alpha_t)/sqrt(1 - alpha_hat_t) eps) + sigma_t z,
         sigma_t^2 = variance: beta_t as the original, or the posterior variance of section 3.2."""
-        alpha, alpha_hat = 1 - beta, self.alpha_hat[i]
+        alpha_hat = self.alpha_hat[i]
         z = torch.zeros_like(x) if last else torch.randn_like(x)
         return 1 / alpha.sqrt() * (x - (1 - alpha) / (1 - alpha_hat).sqrt() * eps) + variance.sqrt() * z
 
@@ -235,12 +234,12 @@ class Diffusion:
         alpha_hat = self.alpha_hat[t]
         return 0.5 * torch.log(alpha_hat / (1 - alpha_hat))
 
-    def respaced_betas(self, timesteps: torch.Tensor) -> torch.Tensor:
-        """beta'_k = 1 - alpha_hat[s_k] / alpha_hat[s_{k-1}] over ascending kept steps s_k: the chain over them keeps
-        the full chain's alpha_hat at each (with every step kept, these are the betas)."""
+    def respaced_alphas(self, timesteps: torch.Tensor) -> torch.Tensor:
+        """alpha'_k = alpha_hat[s_k] / alpha_hat[s_{k-1}] over ascending kept steps s_k: the chain over them keeps the
+        full chain's alpha_hat at each. Not 1 - beta': over a long jump that is 1 - (1 - tiny), 0 in float32."""
         alpha_hat = self.alpha_hat[timesteps.to(self.alpha_hat.device)]
         previous = torch.cat([alpha_hat.new_ones(1), alpha_hat[:-1]])
-        return 1 - alpha_hat / previous
+        return alpha_hat / previous
 
     def clipped_steps(self, kept: torch.Tensor) -> list[bool]:
         """The steps that clip the x0 prediction: those that multiply its error over 10-fold (chiefly the cosine

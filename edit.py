@@ -110,8 +110,8 @@ def inpaint(diffusion: Diffusion, model: nn.Module, images: torch.Tensor, mask: 
             continue
         eps = diffusion.eps_at(model, x, i, bool(ratio.sqrt() > 10), **cond)  # eq. 8b
         if sampler == "ddpm":  # the respaced step and its posterior variance, as sample's
-            beta = 1 - alpha_hat[i] / alpha_hat[j]
-            x = diffusion.ddpm_step(x, eps, i, beta, (1 - alpha_hat[j]) / (1 - alpha_hat[i]) * beta, j == 0)
+            alpha = alpha_hat[i] / alpha_hat[j]
+            x = diffusion.ddpm_step(x, eps, i, alpha, (1 - alpha_hat[j]) / (1 - alpha_hat[i]) * (1 - alpha), j == 0)
         else:
             x = diffusion.ddim_step(x, eps, i, j, eta, j == 0)
         x = torch.where(keep, known(j), x)  # eq. 8c
