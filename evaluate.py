@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from ddpm import SAMPLERS
 from ddpm_conditional import check_guidance_interval
-from sample import add_sampler_args, fill_sampling, full_chain, load
+from sample import add_sampler_args, fill_sampling, full_chain, load_from_flags
 from devices import autocast, autocast_dtype, seed_everything
 from files import load_checkpoint, save_checkpoint, save_json, UserError, writable_folder
 from runs import add_runtime_args, ArgumentParser, run_main, whole
@@ -48,9 +48,8 @@ JUDGE_EPOCHS = 15  # a new judge's, unless --judge_epochs
 FEATURES = 128  # the judge's penultimate width: FD and KID are computed in these
 KID_SUBSET = 200  # images per KID subset (as KID's reference code, which uses 1,000)
 MIN_ACCURACY_IMAGES = 100  # an accuracy moves in steps of 1/n (33 points at 3 images); at 100, a standard error <= 5
-MIN_FD_IMAGES = 2 * FEATURES  # a covariance of fewer than FEATURES + 1 images is singular, and FD's bias falls as 1/n:
-# the digits' real-vs-real FD is 3.5 at 100 images a side, 2.3 at 256, 0.4 at 1,000
-MIN_KID_IMAGES = KID_SUBSET  # fewer: every subset is the same images; the digits' real-vs-real KID spreads 0.02 at 100
+MIN_FD_IMAGES = 2 * FEATURES  # a covariance of fewer than FEATURES + 1 images is singular, and FD's bias falls as 1/n
+MIN_KID_IMAGES = KID_SUBSET  # fewer: every subset is the same images
 MIN_NN_IMAGES = 50  # the NN ratio divides two medians: of fewer images a handful decide it
 MIN_ENTROPY_IMAGES_PER_CLASS = 10  # a histogram of fewer predictions per class understates the entropy
 MIN_INCEPTION_IMAGES = 2 * 2048  # MIN_FD_IMAGES in Inception's 2048-d features (published FIDs use 10,000 to 50,000)
@@ -421,7 +420,7 @@ def check_data(args: argparse.Namespace, classes: list[str], y_train: torch.Tens
 def evaluate(args: argparse.Namespace) -> dict:
     run_dir = Path(args.run)
     config, out_dir, fid = check_before_work(args, run_dir)
-    model, diffusion = load(run_dir, ema=not args.no_ema, device=args.device)
+    model, diffusion = load_from_flags(str(run_dir), args.no_ema, args.device)  # errors worded for the flags
     conditional, guided = check_against_run(args, config, model, run_dir)
     # the sampling flags given, for the --readme block's command (the rest are the run's own, recorded in run.json)
     given_sampling = "".join(f"--{k} {v:g} " if isinstance(v, float) else f"--{k} {v} "

@@ -170,7 +170,7 @@ def test_a_grayscale_run_writes_grayscale_grids(in_tmp):
 
 def test_evaluate_refuses_an_unwritable_report_or_readme_before_the_work(in_tmp, capsys, monkeypatch):
     make_run(in_tmp / "run", 1)
-    monkeypatch.setattr(evaluate, "load", lambda *a, **k: pytest.fail("loaded before checking the outputs"))
+    monkeypatch.setattr(evaluate, "load_from_flags", lambda *a, **k: pytest.fail("loaded before checking the outputs"))
     (in_tmp / "taken").write_text("x")
     (in_tmp / "NOTES.md").write_text("no block here")
     for flags, message in ((["--out_dir", "taken"], "cannot write to 'taken'"),

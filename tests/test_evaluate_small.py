@@ -112,7 +112,7 @@ def test_folders_whose_classes_hold_one_image_are_refused_before_the_judge(at_ru
 
 
 def test_a_flat_folder_is_refused_before_the_model_is_loaded(at_runs, capsys, monkeypatch):
-    no_work(monkeypatch, "load", "real_images", "train_judge", "generate")
+    no_work(monkeypatch, "load_from_flags", "real_images", "train_judge", "generate")
     line = refused(capsys, ["--run", "models/flat", *EVAL, "--out_dir", str(at_runs)])
     assert "at least 2 classes" in line and "trained on one (flat)" in line
 
@@ -181,7 +181,7 @@ def test_flags_the_run_cannot_honour_are_refused_before_the_work(at_runs, capsys
 def test_files_and_packages_the_flags_need_are_checked_before_the_work(runs, tmp_path, capsys, monkeypatch):
     """Standard FID's weights and packages, and the README's assets/ folder: refused before the model is loaded."""
     monkeypatch.chdir(tmp_path)
-    no_work(monkeypatch, "load", "real_images", "train_judge", "generate")
+    no_work(monkeypatch, "load_from_flags", "real_images", "train_judge", "generate")
     argv = ["--run", str(runs / "models" / "twelve_each"), *EVAL]
     assert "--inception_weights 'missing.pth' does not exist" in refused(capsys, argv + ["--inception_weights",
                                                                                           "missing.pth"])
@@ -208,3 +208,15 @@ def test_a_run_without_label_dropout_is_scored_unguided(at_runs, capsys):
     """--cfg_scale 1, or <= 0 (treated as 1), asks nothing of the unconditional model that --label_drop 0 left out."""
     report, _ = evaluated(capsys, str(at_runs), "no_drop", "--cfg_scale", "0", "--n", "6")
     assert report["results"][0]["cfg_scale"] == 0
+
+
+def test_the_minimums_the_docs_state_are_evaluates():
+    """docs/results.md's table of minimums is written by hand: it must say what evaluate.py applies."""
+    text = (Path(__file__).resolve().parents[1] / "docs" / "results.md").read_text()
+    rows = {cells[0]: cells[2] for cells in (line.strip("|").split("|") for line in text.splitlines()
+                                              if line.startswith("| ")) for cells in [[c.strip() for c in cells]]}
+    assert rows["judge accuracy"] == rows["accuracy"] == str(evaluate.MIN_ACCURACY_IMAGES)
+    assert rows["FD"] == f"{evaluate.MIN_FD_IMAGES} each" and rows["KID"] == f"{evaluate.MIN_KID_IMAGES} each"
+    assert rows["NN ratio"] == f"{evaluate.MIN_NN_IMAGES} each"
+    assert rows["class entropy"] == f"{evaluate.MIN_ENTROPY_IMAGES_PER_CLASS} per class"
+    assert rows["Inception FID"] == f"{evaluate.MIN_INCEPTION_IMAGES:,} each"
