@@ -26,8 +26,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from ddpm import SAMPLERS
-from ddpm_conditional import check_guidance_interval
-from sample import add_sampler_args, fill_sampling, full_chain, load_from_flags
+from sample import add_sampler_args, check_guidance, fill_sampling, full_chain, load_from_flags
 from devices import autocast, autocast_dtype, seed_everything
 from files import load_checkpoint, save_checkpoint, save_json, UserError, writable_folder
 from runs import add_runtime_args, ArgumentParser, run_main, whole
@@ -425,13 +424,15 @@ def evaluate(args: argparse.Namespace) -> dict:
     # the sampling flags given, for the --readme block's command (the rest are the run's own, recorded in run.json)
     given_sampling = "".join(f"--{k} {v:g} " if isinstance(v, float) else f"--{k} {v} "
                              for k in ("sampler", "steps", "cfg_scale") if (v := getattr(args, k)) is not None)
+    given = {k for k in ("cfg_scale", "guidance_interval") if getattr(args, k) is not None}
     fill_sampling(args, model, conditional)
     steps = full_chain(args.steps, args.sampler, diffusion)
     try:
-        check_guidance_interval(args.guidance_interval, diffusion.noise_steps)
         diffusion.check_sampler(args.sampler, steps)
     except ValueError as e:
         raise UserError(f"--{e}")
+    if conditional:  # an interval out of range, or one that would change nothing: as sample.py refuses it
+        check_guidance(args, given, list(range(model.num_classes)), steps, diffusion)
 
     x_train, y_train, x_held, y_held, classes = real_images(config)
     labels = class_mix(y_held, args.n, model.num_classes) if conditional else None

@@ -220,3 +220,10 @@ def test_the_minimums_the_docs_state_are_evaluates():
     assert rows["NN ratio"] == f"{evaluate.MIN_NN_IMAGES} each"
     assert rows["class entropy"] == f"{evaluate.MIN_ENTROPY_IMAGES_PER_CLASS} per class"
     assert rows["Inception FID"] == f"{evaluate.MIN_INCEPTION_IMAGES:,} each"
+
+
+def test_a_guidance_interval_that_changes_nothing_is_refused_as_sample_py_refuses_it(at_runs, capsys, monkeypatch):
+    """Guidance 1 does not guide: an interval for it would be ignored while 1000 samples are drawn and scored."""
+    no_work(monkeypatch, "real_images", "train_judge", "generate")
+    argv = ["--run", "models/twelve_each", *EVAL, "--cfg_scale", "1", "--guidance_interval", "5", "10"]
+    assert "--guidance_interval 5 10 would change nothing: the guidance scale is 1 (given)" in refused(capsys, argv)
