@@ -231,8 +231,8 @@ def load_from_flags(run: str, no_ema: bool = False, device: str | None = None, i
                         f"runs keep none), so it samples ckpt.pt without the flag: drop it")
     with flag_errors():
         model, diffusion = load(path, ema=not no_ema, device=device, image_size=image_size)
-    if warn and size_warning(run, image_size):
-        print(size_warning(run, image_size), file=sys.stderr)
+    if warn and (line := size_warning(run, image_size)):  # size_warning reads run.json: once
+        print(line, file=sys.stderr)
     return model, diffusion
 
 
@@ -282,8 +282,8 @@ def fill_sampling(args: argparse.Namespace, model: nn.Module, conditional: bool,
     for key, value in recommended(args.run, model, conditional).items():
         if getattr(args, key) is None:
             setattr(args, key, value)
-    if warn and drift_warning(args, model):
-        print(drift_warning(args, model), file=sys.stderr)
+    if warn and (line := drift_warning(args, model)):
+        print(line, file=sys.stderr)
 
 
 def drift_warning(args: argparse.Namespace, model: nn.Module) -> str | None:
