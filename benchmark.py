@@ -34,10 +34,12 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import ddpm
 import ddpm_conditional
+import flow
 from modules import ORIGINAL_ATTENTION, ORIGINAL_MULT, ORIGINAL_SHAPE, SelfAttention
 from devices import autocast_dtype, cpu_has_native, cpu_supports, pick_device, precision_name
 from files import save_json, UserError
 from runs import add_runtime_args, add_shape_args, ArgumentParser, run_main, whole
+from sample import visited_times
 from tools.readme import update_readme_block
 
 
@@ -144,6 +146,7 @@ def build_trainer(args: argparse.Namespace, device: torch.device) -> ddpm.Traine
             "--noise_steps", str(args.noise_steps), "--dataset_path", "synthetic", "--heads", str(args.heads),
             "--channel_mult", *map(str, args.channel_mult), "--attention", *map(str, args.attention)]
     argv += (["--compile"] if args.compile else []) + (["--no-input_skip"] if args.original else [])
+    argv += ["--objective", args.objective] + (["--immiscible"] if args.immiscible else [])
     script = ddpm_conditional if args.conditional else ddpm
     targs = script.parse_args(argv)
     targs.c_in, targs.num_classes_found, targs.class_names = args.c_in, 10, [str(i) for i in range(10)]
@@ -198,8 +201,8 @@ def benchmark(args: argparse.Namespace) -> dict:
     else:  # the in-training grids' sampler (the default of every script), or the one asked for
         grids = trainer.sampling()
         kind = dict(sampler=grids["sampler"], steps=grids["steps"]) if args.sampler is None else \
-            dict(sampler=args.sampler, steps=args.sample_steps)
-    steps = len(diffusion.timesteps(kind["steps"]))
+            dict(sampler=args.sampler, steps=args.sample_steps or grids["steps"])
+    steps = len(visited_times(diffusion, kind["sampler"], kind["steps"]))  # network evaluations
 
     def sample(cfg_scale):
         with trainer.run.autocast():
@@ -222,7 +225,8 @@ def benchmark(args: argparse.Namespace) -> dict:
     result = {
         "device": device_name(device),
         "config": {k: getattr(args, k) for k in ("image_size", "c_in", "width", "channel_mult", "attention", "heads",
-                                                 "batch_size", "conditional", "compile", "original")},
+                                                 "batch_size", "conditional", "compile", "original", "objective",
+                                                 "immiscible")},
         "precision": precision,
         "peak_tflops": {k: v / 1e12 for k, v in peaks.items()},
         "train_step_s": step,
@@ -273,13 +277,15 @@ README_HEADER = ["| device | configuration | training | utilisation | attention:
 
 
 def shape_name(c: dict) -> str:
-    """The UNet's shape in a configuration's name when it is not the original's, e.g. ", mult 2-2-2, attention at
-    4 8, 2 heads"."""
+    """The UNet's shape (and objective, noise pairing) in a configuration's name when it is not the original's (DDPM's),
+    e.g. ", mult 2-2-2, attention at 4 8, 2 heads"."""
     mult, attention = c.get("channel_mult", list(ORIGINAL_MULT)), c.get("attention", list(ORIGINAL_ATTENTION))
     parts = [f"mult {'-'.join(map(str, mult))}"] if list(mult) != list(ORIGINAL_MULT) else []
     if sorted(attention) != list(ORIGINAL_ATTENTION):
         parts.append(f"attention at {' '.join(map(str, sorted(attention)))}" if attention else "no attention")
     parts += [f"{c['heads']} heads"] if c.get("heads", 4) != 4 else []
+    parts += ["flow matching"] if c.get("objective") == "flow" else []
+    parts += ["immiscible noise"] if c.get("immiscible") else []
     return "".join(f", {part}" for part in parts)
 
 
@@ -315,9 +321,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "conditional).")
     p.add_argument("--image_size", type=whole(8), default=16, help="side of the square images")
     p.add_argument("--c_in", type=int, choices=[1, 3, 4], default=1, help="image channels")
-    p.add_argument("--width", type=whole(4), default=32, help="base channel width of the UNet")
-    # the shape flags, defaulting to the original's network
-    add_shape_args(p, **ORIGINAL_SHAPE)
+    # the shape flags: width 32, else the original's network
+    add_shape_args(p, width=32, **ORIGINAL_SHAPE)
     p.add_argument("--batch_size", type=whole(1), default=64, help="images per training step")
     p.add_argument("--unconditional", dest="conditional", action="store_false",
                    help="benchmark ddpm.py's step instead of ddpm_conditional.py's")
@@ -329,9 +334,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--noise_steps", type=whole(2), default=1000, help="diffusion steps T")
     p.add_argument("--full_chain", action="store_true",
                    help="time the original's sampler (ancestral, all T-1 steps) instead of the in-training grids'")
-    p.add_argument("--sampler", choices=ddpm.SAMPLERS, default=None,
-                   help=f"time this sampler at --sample_steps (default: the grids', {ddpm.DEFAULT_SAMPLER})")
-    p.add_argument("--sample_steps", type=whole(1), default=ddpm.DEFAULT_STEPS, help="steps of --sampler")
+    p.add_argument("--objective", choices=ddpm.OBJECTIVES, default="ddpm", help="the training objective")
+    p.add_argument("--immiscible", action="store_true", help="time the step with immiscible noise (its assignment)")
+    p.add_argument("--sampler", choices=ddpm.SAMPLERS + flow.SAMPLERS, default=None,
+                   help="time this sampler at --sample_steps (default: the grids', by the objective: "
+                        f"{ddpm.DEFAULT_SAMPLER}, flow {flow.DEFAULT_SAMPLER})")
+    p.add_argument("--sample_steps", type=whole(1), default=None, help="steps of --sampler (default: the grids')")
     p.add_argument("--repeats", type=whole(1), default=5, help="timed training steps (median); the profiler sees up to 3")
     p.add_argument("--sample_n", type=whole(1), default=16, help="images per sampling measurement")
     p.add_argument("--matmul_size", type=whole(1), default=4096,
@@ -349,6 +357,10 @@ def main(argv: list[str] | None = None) -> None:
         if args.precision not in ("auto", "fp32"):
             raise UserError(f"--original trains in fp32, as the original did: drop --precision {args.precision}")
         args.precision = "fp32"
+    if args.sampler and (args.sampler in flow.SAMPLERS) != (args.objective == "flow"):
+        samplers = flow.SAMPLERS if args.objective == "flow" else ddpm.SAMPLERS
+        raise UserError(f"--sampler {args.sampler} does not apply to --objective {args.objective}: use "
+                        f"{' or '.join(samplers)}")
     result = benchmark(args)
     print_table(result)
     if args.json:

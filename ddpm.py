@@ -9,33 +9,31 @@
     Diffusion.ddpm_step, ddim_step, dpmpp2m_step    one reverse step of each
     Trainer.loss, Trainer.train_step   Algorithm 1;  Trainer.fit: the training loop;  build_parser: the flags
 
-ddpm_conditional.py adds labels, classifier-free guidance and the EMA; modules.py holds the UNet; runs.py the
-plumbing (run folders, checkpoints, resuming, stop signals); recipes.py the defaults of each dataset.
+flow.py holds the other objective, flow matching; ddpm_conditional.py adds labels, guidance and the EMA; modules.py
+the UNet; runs.py the plumbing (run folders, checkpoints, resuming, signals, flags); recipes.py each dataset's defaults.
 """
 import argparse
 import math
-import numbers
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from scipy.optimize import linear_sum_assignment
 from tqdm import tqdm
 
+import flow
 from modules import UNet
 from recipes import ORIGINAL_OPTIONS, RECIPES
-from runs import add_shape_args, parse_run_args, real, Run, run_main, training_parser, whole
-from utils import get_data, square_nrow
+from runs import parse_run_args, real, Run, run_main, training_parser, whole
+from utils import batch_shape, get_data, to_images
 
 
+OBJECTIVES = ("ddpm", "flow")  # flow: flow matching (flow.py), a peer of this file's Diffusion
 SAMPLERS = ("ddpm", "ddim", "dpmpp2m")
+SCHEDULES = ("linear", "cosine")
 PREDICTIONS = ("eps", "v")  # what the network outputs: the noise (the original's), or v (Salimans & Ho 2022)
 # What sample.py, evaluate.py and the in-training grids use unless told (why: docs/sampling.md).
 DEFAULT_SAMPLER, DEFAULT_STEPS = "dpmpp2m", 15
-
-
-def default_sampling(input_skip: bool) -> dict:
-    """The recommended sampler with the input skip (every run trained here), or without (the original's UNet())."""
-    return dict(sampler=DEFAULT_SAMPLER, steps=DEFAULT_STEPS) if input_skip else dict(sampler="ddpm", steps=50)
 
 
 class Diffusion:
@@ -45,10 +43,9 @@ class Diffusion:
     def __init__(self, noise_steps: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02,
                  img_size: int = 256, device=None, c_in: int = 3, schedule: str = "linear",
                  prediction: str = "eps"):
-        if schedule not in ("linear", "cosine"):
-            raise ValueError(f"schedule must be 'linear' or 'cosine', got '{schedule}'")
-        if prediction not in PREDICTIONS:
-            raise ValueError(f"prediction must be one of {', '.join(PREDICTIONS)}, got '{prediction}'")
+        for name, value, allowed in (("schedule", schedule, SCHEDULES), ("prediction", prediction, PREDICTIONS)):
+            if value not in allowed:
+                raise ValueError(f"{name} must be one of {', '.join(allowed)}, got '{value}'")
         self.noise_steps, self.prediction = noise_steps, prediction
         self.beta_start, self.beta_end, self.schedule = beta_start, beta_end, schedule
         self.img_size, self.c_in = img_size, c_in
@@ -56,6 +53,11 @@ class Diffusion:
         self.beta = self.prepare_noise_schedule().to(self.device)
         self.alpha = 1.0 - self.beta
         self.alpha_hat = torch.cumprod(self.alpha, dim=0)
+
+    def settings(self) -> dict:
+        """What rebuilds this Diffusion: run.json's "diffusion_args"."""
+        return {k: getattr(self, k) for k in ("noise_steps", "beta_start", "beta_end", "img_size", "c_in", "schedule",
+                                              "prediction")}
 
     def prepare_noise_schedule(self) -> torch.Tensor:
         """beta_t, linear from beta_start to beta_end (section 4), or cosine (Nichol & Dhariwal 2021, eq. 17). The
@@ -76,17 +78,26 @@ class Diffusion:
             self.beta, self.alpha, self.alpha_hat = (s.to(device) for s in (self.beta, self.alpha, self.alpha_hat))
             self.device = device
 
-    def noise_images(self, x: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def noise_images(self, x: torch.Tensor, t: torch.Tensor, eps: torch.Tensor | None = None
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
         """q(x_t | x_0): x_t = sqrt(alpha_hat_t) x_0 + sqrt(1 - alpha_hat_t) eps, eps ~ N(0, I) (eq. 4); (x_t, eps)."""
         self._to(x.device)
         sqrt_alpha_hat = self.alpha_hat[t].sqrt()[:, None, None, None]
         sqrt_one_minus_alpha_hat = (1.0 - self.alpha_hat[t]).sqrt()[:, None, None, None]
-        eps = torch.randn_like(x)
+        eps = torch.randn_like(x) if eps is None else eps
         return sqrt_alpha_hat * x + sqrt_one_minus_alpha_hat * eps, eps
 
-    def sample_timesteps(self, n: int) -> torch.Tensor:
-        """t ~ Uniform{1, ..., T-1}."""
-        return torch.randint(low=1, high=self.noise_steps, size=(n,), device=self.device)
+    def sample_timesteps(self, n: int, edm: bool = False) -> torch.Tensor:
+        """t ~ Uniform{1, ..., T-1}. With `edm`, EDM's training noise levels (Karras et al. 2022, Table 1):
+        ln sigma ~ N(-1.2, 1.2^2) for sigma = 1 / sqrt(SNR), each taken to the timestep nearest it."""
+        if not edm:
+            return torch.randint(low=1, high=self.noise_steps, size=(n,), device=self.device)
+        log_sigma = -1.2 + 1.2 * torch.randn(n, device=self.device)
+        log_sigmas = -0.5 * self.snr(torch.arange(1, self.noise_steps, device=self.device)).log()
+        return (log_sigmas[None] - log_sigma[:, None]).abs().argmin(1) + 1
+
+    def network_time(self, t: torch.Tensor) -> torch.Tensor:
+        return t  # the network is given the timestep itself
 
     # ----------------------------------------------------------------------- what the network predicts
 
@@ -101,8 +112,11 @@ class Diffusion:
         alpha_hat = self.alpha_hat[t].to(x.dtype)[:, None, None, None]
         return alpha_hat.sqrt() * output + (1 - alpha_hat).sqrt() * x
 
-    def velocity(self, x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """v = sqrt(alpha_hat_t) eps - sqrt(1 - alpha_hat_t) x_0 (Salimans & Ho 2022): the target of --prediction v."""
+    def target(self, x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """What the network learns to output: eps, or v = sqrt(alpha_hat_t) eps - sqrt(1 - alpha_hat_t) x_0
+        (Salimans & Ho 2022) with --prediction v."""
+        if self.prediction == "eps":
+            return eps
         alpha_hat = self.alpha_hat[t].to(x0.dtype)[:, None, None, None]
         return alpha_hat.sqrt() * eps - (1 - alpha_hat).sqrt() * x0
 
@@ -120,22 +134,14 @@ class Diffusion:
     def sample(self, model: nn.Module, n: int, sampler: str = "ddpm", steps: int | None = None, eta: float = 0.0,
                noise: torch.Tensor | None = None, progress: bool = True, callback=None, start: int | None = None,
                **cond) -> torch.Tensor:
-        """Draw n images: uint8 in [0, 255], shape (n, C, H, W).
-
-        sampler "ddpm" is Algorithm 2, over every step as the original, or over `steps` evenly spaced ones; "ddim"
-        is Song et al. 2021 (deterministic at eta = 0), "dpmpp2m" DPM-Solver++(2M) (Lu et al. 2022); those two
-        take 50 steps unless told. `noise` is x_T (default N(0, I)); `callback(t, x_t)` sees every step; `start`
-        begins at the chain's first step at or below that timestep, `noise` then being x there (as img2img does).
-        """
+        """Draw n images, uint8 (n, C, H, W): "ddpm" is Algorithm 2, every step as the original or `steps` evenly
+        spaced; "ddim" Song et al. 2021 (deterministic at eta = 0), "dpmpp2m" DPM-Solver++(2M) (Lu et al. 2022), 50
+        steps unless told. `noise` is x_T (default N(0, I)); `callback(t, x_t)` sees every step; `start` begins at
+        the first step at or below that timestep, `noise` then being x there (as img2img does)."""
         self.check_sampler(sampler, steps, eta)
-        if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1:
-            raise ValueError(f"n must be a whole number of images, at least 1, got {n!r}")
-        shape = (n, self.c_in, self.img_size, self.img_size)
-        if noise is not None and tuple(noise.shape) != shape:
-            raise ValueError(f"noise must have the shape of the n images, {shape}, got {tuple(noise.shape)}")
+        shape = batch_shape(n, noise, self.c_in, self.img_size)
         cond = self.condition(model, n, **cond)
-        if sampler != "ddpm" and steps is None:
-            steps = 50
+        steps = 50 if sampler != "ddpm" and steps is None else steps
         was_training = model.training
         model.eval()
         device = next(model.parameters()).device
@@ -250,7 +256,7 @@ class Diffusion:
     def check_sampler(self, sampler: str, steps: int | None, eta: float = 0.0) -> None:
         """ValueError unless sampler is one of SAMPLERS, steps None or in [1, T-1], and eta in [0, 1] (ddim only)."""
         if sampler not in SAMPLERS:
-            raise ValueError(f"sampler must be one of {', '.join(SAMPLERS)}, got '{sampler}'")
+            raise ValueError(f"sampler must be one of {', '.join(SAMPLERS)} for a DDPM, got '{sampler}'")
         if steps is not None and not 1 <= steps <= self.noise_steps - 1:
             raise ValueError(f"steps must be in [1, {self.noise_steps - 1}], got {steps}")
         if not 0 <= eta <= 1:  # past 1 the DDIM variance exceeds 1 - alpha_hat_prev: no real solution
@@ -258,17 +264,7 @@ class Diffusion:
         if eta and sampler != "ddim":
             raise ValueError(f"eta is DDIM's noise: the {sampler} sampler takes none, got {eta:g}")
 
-    def condition(self, model: nn.Module, n: int, **cond) -> dict:
-        """predict_noise's extra arguments for n images, checked: none here; labels and guidance when conditional."""
-        if cond:
-            raise TypeError(f"sample() got {', '.join(sorted(cond))}, which {type(self).__module__}."
-                            f"{type(self).__name__} does not take (labels and guidance: ddpm_conditional.Diffusion)")
-        return cond
-
-
-def to_images(x: torch.Tensor) -> torch.Tensor:
-    """x in [-1, 1] -> uint8 images, rounded as the real images are."""
-    return (((x.clamp(-1, 1) + 1) / 2) * 255).round().to(torch.uint8)
+    condition = flow.Flow.condition  # the extra arguments of sample(): none without labels, as for flow matching
 
 
 # --------------------------------------------------------------------------- Algorithm 1: training
@@ -276,7 +272,7 @@ def to_images(x: torch.Tensor) -> torch.Tensor:
 class Trainer:
     """Algorithm 1 on a dataset: the model, its optimizer and the loss. `self.run` does the rest (runs.py)."""
 
-    diffusion_class = Diffusion
+    diffusion_class, flow_class = Diffusion, flow.Flow
 
     def __init__(self, args: argparse.Namespace, loader=None):
         self.args = args
@@ -286,27 +282,30 @@ class Trainer:
         self.model = self.build_model().to(self.device)
         self.net = self.run.prepare(self.model)  # what trains: the model itself, or its DDP or compiled wrapper
         self.diffusion = self.build_diffusion()
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=args.lr, weight_decay=args.weight_decay,
-                                           fused=self.device.type in ("cuda", "cpu"))
-        self.total_steps = args.epochs * len(self.loader)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(s, args, self.total_steps))
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=args.lr, betas=(0.9, args.adam_beta2),
+                                           weight_decay=args.weight_decay, fused=self.device.type in ("cuda", "cpu"))
+        self.scheduler = self.run.lr_schedule(self.optimizer, args.epochs * len(self.loader))
         # fp16 gradients are scaled up so that small ones do not round to zero; bf16 and fp32 need no scaling
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.run.amp_dtype == torch.float16)
         self.run.record(self.model, self.diffusion, self.sampling())
 
     def loss(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Algorithm 1, lines 3-5: t ~ Uniform, eps ~ N(0, I), and || eps - eps_theta(x_t, t) ||^2 (eq. 14). With
-        --prediction v the target is v; with --loss_weight min_snr each image's error is weighted by its t."""
+        """Algorithm 1, lines 3-5: t ~ Uniform, eps ~ N(0, I), and || eps - eps_theta(x_t, t) ||^2 (eq. 14). The
+        target is v with --prediction v, the velocity eps - x_0 with --objective flow (flow.py); --loss_weight
+        weights each image's error by its noise level; --immiscible pairs each image with a nearby noise."""
         a, d = self.args, self.diffusion
-        t = d.sample_timesteps(images.shape[0])
-        x_t, eps = d.noise_images(images, t)
+        t = d.sample_timesteps(images.shape[0], edm=a.loss_weight == "edm")
+        eps = torch.randn_like(images)
+        if a.immiscible:
+            eps = immiscible_noise(images, eps)
+        x_t, eps = d.noise_images(images, t, eps)
         with self.run.autocast():
-            predicted = self.predict(x_t, t, labels)
-        target = eps if d.prediction == "eps" else d.velocity(images, eps, t)
+            predicted = self.predict(x_t, d.network_time(t), labels)
+        target = d.target(images, eps, t)
         if a.loss_weight == "none":
             return F.mse_loss(predicted.float(), target)
         per_image = (predicted.float() - target).pow(2).mean(dim=(1, 2, 3))
-        return (min_snr_weight(d.snr(t), a.snr_gamma, d.prediction) * per_image).mean()
+        return (loss_weight(a.loss_weight, d.snr(t), a.snr_gamma, d.prediction) * per_image).mean()
 
     def predict(self, x_t: torch.Tensor, t: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return self.net(x_t, t)  # unconditional: the labels are not used
@@ -341,7 +340,7 @@ class Trainer:
                     if run.checkpoint_due():
                         run.save(*self.checkpoint())
                 if run.grid_due(epoch):
-                    run.save_grids(epoch, self.sample_grids(), self.grid_nrow())
+                    run.save_grids(epoch, self.sample_grids())
                 run.save(*self.checkpoint())
 
     # ----------------------------------------------------------------------- what the loop builds, samples and saves
@@ -351,23 +350,25 @@ class Trainer:
         return UNet(c_in=a.c_in, c_out=a.c_in, width=a.width, input_skip=a.input_skip, channel_mult=a.channel_mult,
                     attention=a.attention, heads=a.heads)
 
-    def build_diffusion(self) -> Diffusion:
+    def build_diffusion(self) -> Diffusion | flow.Flow:
         a = self.args
+        if a.objective == "flow":
+            return self.flow_class(img_size=a.image_size, device=self.device, c_in=a.c_in)
         return self.diffusion_class(noise_steps=a.noise_steps, img_size=a.image_size, device=self.device, c_in=a.c_in,
                                     schedule=a.schedule, prediction=a.prediction)
 
     def sampling(self) -> dict:
         """The grids' sampler, recorded in run.json as the run's recommended one for sample.py and evaluate.py."""
-        sampler = default_sampling(self.args.input_skip)["sampler"]
-        return dict(sampler=sampler, steps=min(self.args.sample_steps, self.args.noise_steps - 1))
+        a = self.args
+        if a.objective == "flow":
+            return dict(sampler=flow.DEFAULT_SAMPLER, steps=a.sample_steps or flow.DEFAULT_STEPS)
+        sampler = DEFAULT_SAMPLER if a.input_skip else "ddpm"  # the original's UNet() drifts on the others
+        return dict(sampler=sampler, steps=min(a.sample_steps or DEFAULT_STEPS, a.noise_steps - 1))
 
     def sample_grids(self) -> dict[str, torch.Tensor]:
         """{file name suffix: uint8 images} for this epoch's sample grid."""
         with self.run.autocast():
             return {"": self.diffusion.sample(self.model, self.args.n_samples, **self.sampling())}
-
-    def grid_nrow(self) -> int:
-        return square_nrow(self.args.n_samples)
 
     def checkpoint(self) -> tuple[dict, dict]:
         """The original's files (plain state_dicts), and what resume.pt holds besides the run's position."""
@@ -383,23 +384,24 @@ class Trainer:
         self.scheduler.load_state_dict(state["scheduler"])
         if state["scaler"] and self.scaler.is_enabled():  # fp16 after fp16; any other change of precision starts afresh
             self.scaler.load_state_dict(state["scaler"])
-        self.run.continue_schedule(self.optimizer, self.scheduler, lr_factor, state["args"]["epochs"], len(self.loader))
+        self.run.continue_schedule(self.optimizer, self.scheduler, state["args"]["epochs"], len(self.loader))
 
 
-def min_snr_weight(snr: torch.Tensor, gamma: float, prediction: str) -> torch.Tensor:
-    """Min-SNR-gamma (Hang et al. 2023): the x_0 error weighted by min(SNR, gamma), so that nearly clean timesteps
-    stop dominating. The eps error is SNR times the x_0 error, and the v error SNR + 1 times: divide by those."""
-    return snr.clamp(max=gamma) / (snr if prediction == "eps" else snr + 1)
+def loss_weight(kind: str, snr: torch.Tensor, gamma: float, prediction: str) -> torch.Tensor:
+    """Each image's weight, so that its x_0 error counts w: min_snr, Min-SNR-gamma (Hang et al. 2023): w = min(SNR,
+    gamma), nearly clean t stop dominating; edm: EDM's lambda(sigma) = (sigma^2 + sigma_data^2) / (sigma sigma_data)^2
+    (Karras et al. 2022) = SNR + 4 at sigma^2 = 1/SNR, sigma_data = 0.5. The eps error is SNR times the x_0 error,
+    the v error SNR + 1 times: divide by those."""
+    w = snr.clamp(max=gamma) if kind == "min_snr" else snr + 4
+    return w / (snr if prediction == "eps" else snr + 1)
 
 
-def lr_factor(step: int, args: argparse.Namespace, total_steps: int) -> float:
-    """Linear warm-up over `args.warmup` steps, then constant, or cosine decay to zero."""
-    if step < args.warmup:
-        return (step + 1) / args.warmup
-    if args.lr_schedule == "cosine":
-        progress = (step - args.warmup) / max(1, total_steps - args.warmup)
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-    return 1.0
+def immiscible_noise(images: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+    """Immiscible diffusion (Li et al. 2024): the batch's noises, reassigned to its images by the linear assignment
+    of least total distance. Each noise is still N(0, I); each image now denoises towards a nearer one."""
+    distance = torch.cdist(images.flatten(1).float(), eps.flatten(1).float())
+    _, assigned = linear_sum_assignment(distance.cpu().numpy())
+    return eps[torch.as_tensor(assigned, device=eps.device)]
 
 
 # --------------------------------------------------------------------------- the command line
@@ -409,36 +411,30 @@ def build_parser(description: str = "Train an unconditional DDPM.", run_name: st
     def recipe(key):
         return "(default: " + ", ".join(f"{name} {value[key]}" for name, value in recipes.items()) + ")"
 
-    p = training_parser(description, run_name, recipe)  # with the data, grids, device, saving and resuming
-    p.add_argument("--width", type=whole(4), default=None, help=f"base channel width of the UNet {recipe('width')}")
-    add_shape_args(p, recipe)
-    p.add_argument("--input_skip", action=argparse.BooleanOptionalAction, default=True,
-                   help="a 1x1 conv from x_t past the first GroupNorm (docs/changes.md); --no-input_skip: the original")
-    p.add_argument("--epochs", type=whole(1), default=None, help=f"passes over the data {recipe('epochs')}")
-    p.add_argument("--batch_size", type=whole(1), default=None, help=f"images per step {recipe('batch_size')}")
-    p.add_argument("--lr", type=real(positive=True), default=None, help=f"AdamW peak learning rate {recipe('lr')}")
-    p.add_argument("--warmup", type=whole(0), default=None, help=f"linear learning-rate warm-up steps {recipe('warmup')}")
-    p.add_argument("--lr_schedule", choices=["constant", "cosine"], default=None,
-                   help=f"after warm-up {recipe('lr_schedule')}")
-    p.add_argument("--weight_decay", type=real(0), default=0.01, help="AdamW weight decay")
+    p = training_parser(description, run_name, recipe)  # with the UNet's shape, and the run's flags
+    p.add_argument("--objective", choices=OBJECTIVES, default=None,
+                   help=f"ddpm (the original's) or flow: flow matching (flow.py) {recipe('objective')}")
     p.add_argument("--noise_steps", type=whole(2), default=1000,
                    help="diffusion steps T; the linear betas (1e-4..0.02 at T = 1000) scale by 1000/T")
-    p.add_argument("--schedule", choices=["linear", "cosine"], default="linear",
+    p.add_argument("--schedule", choices=SCHEDULES, default="linear",
                    help="noise schedule: linear (the original's) or cosine (Nichol & Dhariwal 2021)")
     p.add_argument("--prediction", choices=PREDICTIONS, default=None,
                    help="what the network outputs: eps, the noise (the original's), or v = sqrt(alpha_hat) eps - "
                         f"sqrt(1 - alpha_hat) x_0 (Salimans & Ho 2022) {recipe('prediction')}")
-    p.add_argument("--loss_weight", choices=["none", "min_snr"], default=None,
-                   help=f"none (the original's plain MSE) or min_snr, Min-SNR-gamma (Hang et al. 2023) "
-                        f"{recipe('loss_weight')}")
+    p.add_argument("--loss_weight", choices=["none", "min_snr", "edm"], default=None,
+                   help="none (the original's plain MSE), min_snr: Min-SNR-gamma (Hang et al. 2023), or edm: EDM's "
+                        f"log-normal noise levels and their weight (Karras et al. 2022) {recipe('loss_weight')}")
     p.add_argument("--snr_gamma", type=real(positive=True), default=5.0, help="gamma of --loss_weight min_snr")
-    p.add_argument("--sample_steps", type=whole(1), default=DEFAULT_STEPS,
-                   help=f"{DEFAULT_SAMPLER} steps of the in-training grids")
+    p.add_argument("--immiscible", action=argparse.BooleanOptionalAction, default=None,
+                   help=f"pair each image with a nearby noise of its batch (Li et al. 2024) {recipe('immiscible')}")
+    p.add_argument("--sample_steps", type=whole(1), default=None,
+                   help=f"steps of the grids' sampler (default: {DEFAULT_SAMPLER} {DEFAULT_STEPS}, flow: {flow.DEFAULT_STEPS} heun)")
     return p
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    return parse_run_args(build_parser(), argv, RECIPES, ORIGINAL_OPTIONS)
+    parser = build_parser()
+    return flow.check_args(parse_run_args(parser, argv, RECIPES, ORIGINAL_OPTIONS), parser, argv)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -2,7 +2,7 @@
 
 ddpm.py plus labels, guidance and the EMA: it imports ddpm.py and extends it.
 
-    Diffusion.predict_noise    classifier-free guidance: eps_uncond + s (eps_cond - eps_uncond), one forward pass
+    Guided.network_output      classifier-free guidance: out_uncond + s (out_cond - out_uncond), one forward pass
     Trainer.predict            label dropout: each label is dropped with probability --label_drop
     Trainer.after_step         the EMA of the weights (modules.EMA)
 
@@ -17,6 +17,7 @@ import torch
 import torch.nn as nn
 
 import ddpm
+import flow
 from modules import EMA, UNet_conditional
 from recipes import CFG_SCALE, CONDITIONAL_ORIGINAL_OPTIONS, CONDITIONAL_RECIPES
 from files import UserError
@@ -26,34 +27,34 @@ from runs import parse_run_args, real, run_main, whole
 GRID_ROWS = 10  # the sample grids' classes at most: the original's 10
 
 
-class Diffusion(ddpm.Diffusion):
-    """The unconditional Diffusion whose noise prediction takes labels and classifier-free guidance."""
+class Guided:
+    """Labels and classifier-free guidance, for either objective: `Diffusion` (DDPM) and `Flow` (flow matching)."""
 
-    def predict_noise(self, model: nn.Module, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor,
-                      cfg_scale: float = 3, guidance_interval: tuple[int, int] | None = None) -> torch.Tensor:
-        """eps = lerp(eps_uncond, eps_cond, cfg_scale) = eps_uncond + cfg_scale * (eps_cond - eps_uncond).
+    def network_output(self, model: nn.Module, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor,
+                       cfg_scale: float = 3, guidance_interval: tuple[int, int] | None = None) -> torch.Tensor:
+        """out = lerp(out_uncond, out_cond, cfg_scale) = out_uncond + cfg_scale * (out_cond - out_uncond).
 
-        cfg_scale is the guidance paper's w + 1: 1 is plain conditional sampling, and a scale <= 0
+        The network's output (eps, v or the flow's velocity) is affine in eps at a given x_t and t, so guiding it
+        guides eps. cfg_scale is the guidance paper's w + 1: 1 is plain conditional sampling, and a scale <= 0
         is treated as 1 (as the original does). Both halves come from ONE forward pass on a batch of 2n.
         guidance_interval=(lo, hi) guides only at timesteps lo <= t <= hi and predicts plainly
         conditionally elsewhere (Kynkaanniemi et al. 2024); None guides at every step, as the original.
         """
         if cfg_scale <= 0 or cfg_scale == 1:
-            return self.eps_from_output(model(x, t, labels), x, t)
+            return model(x, t, labels)
         inside = None
         if guidance_interval is not None:
             inside = (t >= guidance_interval[0]) & (t <= guidance_interval[1])
             if not inside.any():  # nothing to guide at this step: one pass of n
-                return self.eps_from_output(model(x, t, labels), x, t)
+                return model(x, t, labels)
         no_label = torch.full_like(labels, -1)
         cond, uncond = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([labels, no_label])).chunk(2)
-        eps_cond, eps_uncond = self.eps_from_output(cond, x, t), self.eps_from_output(uncond, x, t)
-        guided = torch.lerp(eps_uncond.float(), eps_cond.float(), cfg_scale)
-        return guided if inside is None else torch.where(inside[:, None, None, None], guided, eps_cond.float())
+        guided = torch.lerp(uncond.float(), cond.float(), cfg_scale)
+        return guided if inside is None else torch.where(inside[:, None, None, None], guided, cond.float())
 
     def condition(self, model: nn.Module, n: int, labels=None, cfg_scale: float = 3,
                   guidance_interval: tuple[int, int] | None = None) -> dict:
-        """predict_noise's labels and guidance for n images, checked: `labels` as in sample."""
+        """network_output's labels and guidance for n images, checked: `labels` as in sample."""
         check_guidance_interval(guidance_interval, self.noise_steps)
         if isinstance(cfg_scale, bool) or not isinstance(cfg_scale, numbers.Real) or not math.isfinite(cfg_scale):
             raise ValueError(f"cfg_scale must be a finite number, got {cfg_scale!r}")
@@ -64,9 +65,22 @@ class Diffusion(ddpm.Diffusion):
                guidance_interval: tuple[int, int] | None = None, **kwargs) -> torch.Tensor:
         """n images of the classes `labels`: n class indices (a list, array or tensor; -1 samples the unconditional
         model that label dropout trained), or one index for all n; class names too, for a model from sample.load.
-        See ddpm.Diffusion.sample for the sampler options."""
+        See ddpm.Diffusion.sample (or flow.Flow.sample) for the sampler options."""
         return super().sample(model, n, labels=labels, cfg_scale=cfg_scale, guidance_interval=guidance_interval,
                               **kwargs)
+
+
+class Diffusion(Guided, ddpm.Diffusion):
+    """The DDPM whose noise prediction takes labels and classifier-free guidance."""
+
+    def predict_noise(self, model: nn.Module, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor,
+                      cfg_scale: float = 3, guidance_interval: tuple[int, int] | None = None) -> torch.Tensor:
+        """eps_theta(x_t, t, labels), guided (network_output)."""
+        return self.eps_from_output(self.network_output(model, x, t, labels, cfg_scale, guidance_interval), x, t)
+
+
+class Flow(Guided, flow.Flow):
+    """Flow matching whose velocity takes labels and classifier-free guidance; the interval is in 1000 t."""
 
 
 def class_labels(labels, n: int, model: nn.Module) -> torch.Tensor:
@@ -108,7 +122,7 @@ def class_labels(labels, n: int, model: nn.Module) -> torch.Tensor:
 class Trainer(ddpm.Trainer):
     """The unconditional training loop plus per-sample label dropout and an EMA model."""
 
-    diffusion_class = Diffusion
+    diffusion_class, flow_class = Diffusion, Flow
 
     def __init__(self, args: argparse.Namespace, loader=None):
         super().__init__(args, loader)
@@ -149,9 +163,6 @@ class Trainer(ddpm.Trainer):
             return {suffix: self.diffusion.sample(model, len(labels), labels, **self.sampling())
                     for suffix, model in (("", self.model), ("_ema", self.ema_model))}
 
-    def grid_nrow(self) -> int:
-        return self.args.n_samples
-
     def grid_classes(self) -> torch.Tensor:
         """The grids' classes, a row each: every class, or GRID_ROWS of them spread evenly over many (a grid of
         every class of a large dataset would cost more than the training)."""
@@ -184,8 +195,8 @@ def add_guidance_args(p: argparse.ArgumentParser, recipes: dict | None = None) -
     p.add_argument("--cfg_scale", type=real(), default=None,
                    help=f"classifier-free guidance scale: 1 = none, <= 0 treated as 1 (default: {scale})")
     p.add_argument("--guidance_interval", type=whole(0), nargs=2, default=None, metavar=("LO", "HI"),
-                   help=f"guide only at timesteps LO..HI, plain conditional elsewhere; 0 999 (0 to T - 1) "
-                        f"guides every step (default: {interval})")
+                   help=f"guide only at timesteps LO..HI (flow matching: at 1000 t), plain conditional elsewhere; "
+                        f"0 999 (0 to T - 1) guides every step (default: {interval})")
 
 
 def check_guidance_interval(interval: tuple[int, int] | None, noise_steps: int) -> None:
@@ -213,7 +224,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    args = parse_run_args(build_parser(), argv, CONDITIONAL_RECIPES, CONDITIONAL_ORIGINAL_OPTIONS)
+    parser = build_parser()
+    args = flow.check_args(parse_run_args(parser, argv, CONDITIONAL_RECIPES, CONDITIONAL_ORIGINAL_OPTIONS), parser,
+                           argv)
     if not 0 <= args.label_drop < 1:
         raise UserError(f"--label_drop must be in [0, 1), got {args.label_drop}")
     if args.ema_power < 0:

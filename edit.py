@@ -1,7 +1,9 @@
 """Beyond sampling: inpainting, image-to-image, inversion and interpolation with any trained run, no retraining.
 
 The editing methods come first: functions of a Diffusion and its trained network, built on the Diffusion's own
-steps (eps_at, ddpm_step, ddim_step, sample). Each cites its paper. The command line below runs them on image files:
+steps (eps_at, ddpm_step, ddim_step, sample). Each cites its paper. Each works on a flow-matching run too (a
+flow.Flow: its ODE's euler_step, heun_step, invert and sample), as its docstring says; there x_T, the noise end of
+the path, is x_1. The command line below runs them on image files:
 
     python edit.py inpaint --run models/DDPM_conditional --images my_digits --box 0.5 0 1 1 --labels 3
     python edit.py img2img --run models/DDPM_conditional --images sketch.png --strength 0.6 --labels 7
@@ -23,21 +25,33 @@ import torch
 import torch.nn as nn
 from tqdm import tqdm
 
+import flow
 import sample
 from ddpm_conditional import add_guidance_args
-from ddpm import DEFAULT_SAMPLER, DEFAULT_STEPS, SAMPLERS, Diffusion, to_images
+from ddpm import DEFAULT_SAMPLER, DEFAULT_STEPS, SAMPLERS, Diffusion
+from flow import Flow
 from devices import autocast, autocast_dtype, seed_everything
 from files import UserError, writable_folder
 from masks import MASK_RULE, coverage, load_mask
 from runs import add_runtime_args, ArgumentParser, real, run_main, whole
 from utils import (CHANNEL_MODES, check_image_file, IMAGE_EXTENSIONS, inspect_image, open_image, save_images,
-                   scan_folder, transforms)
+                   scan_folder, to_images, transforms)
 
 
 # =========================================================================== the editing methods
-# Each takes the Diffusion first and its trained network second, in the order of diffusion.sample(model, ...).
-# Images go in and come out as uint8 (N, C, H, W), as the samplers return them. A conditional Diffusion also
+# Each takes the Diffusion (or Flow) first and its trained network second, in the order of diffusion.sample(model,
+# ...). Images go in and come out as uint8 (N, C, H, W), as the samplers return them. A conditional Diffusion also
 # takes labels, cfg_scale and guidance_interval (**cond), passed on to its steps.
+
+# The deterministic sampler whose steps invert() runs backwards, by objective (True: flow matching): what decodes an
+# inversion unless told. A Flow's heun decodes one too: it solves the same ODE, more closely.
+INVERSE = {False: "ddim", True: "euler"}
+
+
+def sampling_default(diffusion: Diffusion | Flow) -> str:
+    """sample.py's default sampler for the diffusion's objective: dpmpp2m, or heun for a Flow."""
+    return flow.DEFAULT_SAMPLER if isinstance(diffusion, Flow) else DEFAULT_SAMPLER
+
 
 def from_images(images: torch.Tensor, device: torch.device) -> torch.Tensor:
     """uint8 images to float x in [-1, 1] on `device`. The inverse of to_images, exact on the 256 levels."""
@@ -64,9 +78,9 @@ def repaint_path(k: int, jump: int, resample: int) -> list[int]:
 
 
 @torch.inference_mode()
-def inpaint(diffusion: Diffusion, model: nn.Module, images: torch.Tensor, mask: torch.Tensor, sampler: str = "ddpm",
-            steps: int = 50, eta: float = 0.0, jump: int = 10, resample: int = 1, progress: bool = True,
-            **cond) -> torch.Tensor:
+def inpaint(diffusion: Diffusion | Flow, model: nn.Module, images: torch.Tensor, mask: torch.Tensor,
+            sampler: str | None = None, steps: int = 50, eta: float = 0.0, jump: int = 10, resample: int = 1,
+            progress: bool = True, **cond) -> torch.Tensor:
     """Fill the masked part of uint8 `images` (N, C, H, W) and keep the rest exactly.
 
     `mask` is 1 (True) where to generate. It is (1 or N, 1 or C, H, W) and broadcasts over the images.
@@ -76,10 +90,16 @@ def inpaint(diffusion: Diffusion, model: nn.Module, images: torch.Tensor, mask: 
     With `resample` > 1, after every `jump` steps the chain goes back up `jump` steps and down again,
     `resample` - 1 times. Going up draws x_{t+j} ~ q(x_{t+j} | x_t) in closed form. This lets the generated part
     agree with the known part (section 4.2).
-    `sampler` is "ddpm" (RePaint's ancestral chain) or "ddim", over `steps` evenly spaced steps.
+    `sampler` is "ddpm" (RePaint's ancestral chain, the default) or "ddim", over `steps` evenly spaced steps.
+    A Flow is inpainted the same way on its path: each step of the ODE (`sampler` "euler", or "heun", the default)
+    moves the whole image from t to s, then the known part is put back as x_s^known = (1 - s) x_0 + s eps. Going
+    back up from s to t draws x_t = a x_s + sqrt(t^2 - a^2 s^2) z, a = (1 - t) / (1 - s): given x_0 it is
+    (1 - t) x_0 + t eps', as on the path, so resampling carries over.
     The mask's values lie in [0, 1], read as the mask files are: 0.5 and up generates, below keeps (a soft mask is
     not blended: the kept pixels come back exactly). A mask that leaves an image nothing to generate is refused.
     """
+    flow_run = isinstance(diffusion, Flow)
+    sampler = sampler or (flow.DEFAULT_SAMPLER if flow_run else "ddpm")
     diffusion.check_sampler(sampler, steps, eta)
     if sampler == "dpmpp2m":
         raise ValueError("inpainting takes the ddpm or ddim sampler: DPM-Solver++'s multistep history does "
@@ -87,35 +107,58 @@ def inpaint(diffusion: Diffusion, model: nn.Module, images: torch.Tensor, mask: 
     if jump < 1 or resample < 1:
         raise ValueError(f"jump and resample must be at least 1, got {jump} and {resample}")
     device = next(model.parameters()).device
-    diffusion._to(device)
-    alpha_hat = diffusion.alpha_hat
     x0 = from_images(images, device)
     mask = binary_mask(mask, tuple(x0.shape)).to(device)
     cond = diffusion.condition(model, len(x0), **cond)
-    kept = diffusion.timesteps(steps)
-    at = kept.tolist() + [0]  # the timestep of each position on the chain: 0 is x_T, len(kept) the image
+    # the time of each position on the chain (0 is x_T, the last the image), the move back up and the step down
+    at, up, down = flow_moves(diffusion, model, sampler, steps, cond) if flow_run else \
+        ddpm_moves(diffusion, model, sampler, steps, eta, cond)
 
-    def known(t: int) -> torch.Tensor:  # eq. 8a: the known part, noised to level t
+    def known(t: int | float) -> torch.Tensor:  # eq. 8a: the known part, noised to level t
         return diffusion.noise_images(x0, torch.full((len(x0),), t, device=device))[0]
 
     keep = mask == 0  # torch.where, not m * a + (1 - m) * b: the kept part stays exact even if the rest overflows
     noise = torch.randn_like(x0)
     x = torch.where(keep, known(at[0]), noise)
-    path = repaint_path(len(kept), jump, resample)
+    path = repaint_path(len(at) - 1, jump, resample)
     for a, b in tqdm(list(zip(path[:-1], path[1:])), desc="inpainting", leave=False, disable=not progress):
-        i, j = at[a], at[b]
-        ratio = alpha_hat[j] / alpha_hat[i]
-        if b < a:  # back up the chain: q(x_j | x_i) = N(sqrt(ratio) x_i, (1 - ratio) I)
-            x = ratio.sqrt() * x + (1 - ratio).sqrt() * torch.randn_like(x)
+        if b < a:  # back up the chain
+            x = up(x, at[a], at[b])
             continue
-        eps = diffusion.eps_at(model, x, i, bool(ratio.sqrt() > 10), **cond)  # eq. 8b
+        x = down(x, at[a], at[b])  # eq. 8b
+        x = torch.where(keep, known(at[b]), x)  # eq. 8c
+    return to_images(torch.where(keep, x0, x))
+
+
+def ddpm_moves(diffusion: Diffusion, model: nn.Module, sampler: str, steps: int, eta: float, cond: dict):
+    """inpaint's chain on a DDPM: its timesteps, the move up from i to j and the sampler's step down."""
+    diffusion._to(next(model.parameters()).device)
+    alpha_hat = diffusion.alpha_hat
+
+    def up(x: torch.Tensor, i: int, j: int) -> torch.Tensor:  # q(x_j | x_i) = N(sqrt(ratio) x_i, (1 - ratio) I)
+        ratio = alpha_hat[j] / alpha_hat[i]
+        return ratio.sqrt() * x + (1 - ratio).sqrt() * torch.randn_like(x)
+
+    def down(x: torch.Tensor, i: int, j: int) -> torch.Tensor:
+        eps = diffusion.eps_at(model, x, i, bool((alpha_hat[j] / alpha_hat[i]).sqrt() > 10), **cond)
         if sampler == "ddpm":  # the respaced step and its posterior variance, as sample's
             alpha = alpha_hat[i] / alpha_hat[j]
-            x = diffusion.ddpm_step(x, eps, i, alpha, (1 - alpha_hat[j]) / (1 - alpha_hat[i]) * (1 - alpha), j == 0)
-        else:
-            x = diffusion.ddim_step(x, eps, i, j, eta, j == 0)
-        x = torch.where(keep, known(j), x)  # eq. 8c
-    return to_images(torch.where(keep, x0, x))
+            return diffusion.ddpm_step(x, eps, i, alpha, (1 - alpha_hat[j]) / (1 - alpha_hat[i]) * (1 - alpha),
+                                       j == 0)
+        return diffusion.ddim_step(x, eps, i, j, eta, j == 0)
+    return diffusion.timesteps(steps).tolist() + [0], up, down
+
+
+def flow_moves(diffusion: Flow, model: nn.Module, sampler: str, steps: int, cond: dict):
+    """inpaint's chain on a Flow: the ODE's times 1 .. 0, the move up from s to t and the sampler's step down."""
+    def up(x: torch.Tensor, s: float, t: float) -> torch.Tensor:  # the path's marginals kept: see inpaint
+        a = (1 - t) / (1 - s)
+        return a * x + (t ** 2 - (a * s) ** 2) ** 0.5 * torch.randn_like(x)
+
+    def down(x: torch.Tensor, t: float, s: float) -> torch.Tensor:  # as Flow.sample: Heun's last step is Euler's
+        step = diffusion.euler_step if sampler == "euler" or s == 0 else diffusion.heun_step
+        return step(model, x, t, s, **cond)
+    return diffusion.times(steps), up, down
 
 
 def binary_mask(mask, shape: tuple[int, ...]) -> torch.Tensor:
@@ -140,25 +183,37 @@ def binary_mask(mask, shape: tuple[int, ...]) -> torch.Tensor:
 # -------------------- image-to-image: SDEdit (Meng et al. 2022, Algorithm 1 and eq. 4)
 
 @torch.inference_mode()
-def img2img(diffusion: Diffusion, model: nn.Module, images: torch.Tensor, strength: float,
-            sampler: str = DEFAULT_SAMPLER, steps: int | None = DEFAULT_STEPS, noise: torch.Tensor | None = None,
+def img2img(diffusion: Diffusion | Flow, model: nn.Module, images: torch.Tensor, strength: float,
+            sampler: str | None = None, steps: int | None = DEFAULT_STEPS, noise: torch.Tensor | None = None,
             **kwargs) -> torch.Tensor:
     """Noise uint8 `images` part of the way up the chain, then denoise them with any sampler.
 
     `strength` in [0, 1] says how far: to t0, the sampler's first timestep at or below strength * (T - 1).
     There x_t0 = sqrt(alpha_hat_t0) x_0 + sqrt(1 - alpha_hat_t0) z (eq. 4), with z = `noise` (default N(0, I)).
-    The sampler then runs its `steps` from t0 down.
+    The sampler (default: sampling's, dpmpp2m; heun for a Flow) then runs its `steps` from t0 down (None: the
+    sampler's own default, as in sample).
+    A Flow's t0 is the first of its ODE's times at or below strength itself: there x_t0 = (1 - t0) x_0 + t0 z
+    (Flow.noise_images), and Flow.sample integrates the ODE from it (start=t0).
     Strength 0 returns the images. Strength 1 starts from pure noise z and equals sample(noise=z).
     A conditional model takes labels and guidance, and pulls the images towards the class asked.
     """
     if not 0 <= strength <= 1:
         raise ValueError(f"strength must be in [0, 1], got {strength}")
+    flow_run = isinstance(diffusion, Flow)
+    sampler = sampler or sampling_default(diffusion)
+    steps = flow.DEFAULT_STEPS if flow_run and steps is None else steps  # the ODE's times need a number
     diffusion.check_sampler(sampler, steps)
     device = next(model.parameters()).device
-    diffusion._to(device)
-    alpha_hat = diffusion.alpha_hat
     x0 = from_images(images, device)
     z = torch.randn_like(x0) if noise is None else noise.to(device)
+    if flow_run:
+        t0 = diffusion.times(steps, strength)[0]
+        if t0 == 0:  # too weak to reach the ODE's first step
+            return images.clone()
+        x = diffusion.noise_images(x0, torch.full((len(x0),), t0, device=device), z)[0]
+        return diffusion.sample(model, len(x0), sampler=sampler, steps=steps, noise=x, start=t0, **kwargs)
+    diffusion._to(device)
+    alpha_hat = diffusion.alpha_hat
     chain = diffusion.timesteps(50 if sampler != "ddpm" and steps is None else steps, log_snr=sampler == "dpmpp2m")
     chain = chain[chain <= round(strength * (diffusion.noise_steps - 1))]  # sample's chain (ddim: 50 unless told)
     if not len(chain):  # too weak to reach the chain's first step
@@ -172,18 +227,25 @@ def img2img(diffusion: Diffusion, model: nn.Module, images: torch.Tensor, streng
 # -------------------- inversion: DDIM run backwards (Song et al. 2021, eq. 12 at sigma = 0, the ODE of eq. 13)
 
 @torch.inference_mode()
-def invert(diffusion: Diffusion, model: nn.Module, images: torch.Tensor, steps: int = 50, progress: bool = True,
-           **cond) -> torch.Tensor:
-    """The x_T from which sample(sampler="ddim", steps=steps, noise=x_T) gives back uint8 `images`.
+def invert(diffusion: Diffusion | Flow, model: nn.Module, images: torch.Tensor, steps: int = 50,
+           progress: bool = True, **cond) -> torch.Tensor:
+    """The x_T from which sample(sampler="ddim", steps=steps, noise=x_T) gives back uint8 `images`; for a Flow,
+    the x_1 from which sample(sampler="euler", steps=steps, noise=x_1) does.
 
     DDIM's deterministic update runs from t = 0 up the same timesteps:
     x_next = sqrt(alpha_hat_next) x0_pred + sqrt(1 - alpha_hat_next) eps.
     eps is predicted at the current, less noisy x_t rather than at x_next. This approximation keeps it to one
     evaluation a step; its error shrinks as the steps get smaller.
+    A Flow's ODE runs forwards instead, from t = 0 to 1 in the same Euler steps (Flow.invert, no progress bar):
+    x_{t+h} = x_t + h v(x_t, t), v predicted at the start of each step as DDIM's eps is. sampler="heun" decodes
+    x_1 too, more closely: it solves the same ODE to second order, at twice the evaluations.
     Returns float x_T. A conditional model takes labels; guidance 1 (cfg_scale=1) gives the closest round trip.
     """
-    diffusion.check_sampler("ddim", steps)
+    flow_run = isinstance(diffusion, Flow)
+    diffusion.check_sampler(INVERSE[flow_run], steps)
     device = next(model.parameters()).device
+    if flow_run:
+        return diffusion.invert(model, from_images(images, device), steps, **cond)
     diffusion._to(device)
     alpha_hat = diffusion.alpha_hat
     x = from_images(images, device)
@@ -213,15 +275,17 @@ def slerp(a: torch.Tensor, b: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 
 
 @torch.inference_mode()
-def interpolate(diffusion: Diffusion, model: nn.Module, noise_a: torch.Tensor, noise_b: torch.Tensor,
-                frames: int = 8, sampler: str = "ddim", steps: int = 50, **kwargs) -> torch.Tensor:
+def interpolate(diffusion: Diffusion | Flow, model: nn.Module, noise_a: torch.Tensor, noise_b: torch.Tensor,
+                frames: int = 8, sampler: str | None = None, steps: int | None = None, **kwargs) -> torch.Tensor:
     """`frames` images along the slerp from x_T = noise_a to x_T = noise_b, decoded by a deterministic sampler.
 
+    `sampler` is ddim (the default, 50 steps unless told) or dpmpp2m; for a Flow, whose ODE is deterministic,
+    euler or heun (the default, 8 steps unless told: Flow.sample's).
     noise_a and noise_b are (C, H, W): two draws of N(0, I), or two inversions.
     The first and last frames are the samples of noise_a and noise_b.
     A conditional model takes labels: one for every frame, or one each.
     """
-    if sampler == "ddpm":
+    if sampler == "ddpm" and not isinstance(diffusion, Flow):  # a Flow's sample refuses DDPM's samplers itself
         raise ValueError("interpolation needs a deterministic sampler (ddim or dpmpp2m): the ancestral chain "
                          "adds fresh noise at every step")
     if frames < 2:
@@ -231,6 +295,10 @@ def interpolate(diffusion: Diffusion, model: nn.Module, noise_a: torch.Tensor, n
         raise ValueError(f"noise_a and noise_b must each be one x_T of shape {shape}, got {tuple(noise_a.shape)} "
                          f"and {tuple(noise_b.shape)}")
     x = slerp(noise_a, noise_b, torch.linspace(0, 1, frames))
+    if isinstance(diffusion, Flow):
+        sampler = sampler or flow.DEFAULT_SAMPLER  # and steps None: Flow.sample's default
+    else:  # 50 steps checked against the chain, as a given number is
+        sampler, steps = sampler or "ddim", 50 if steps is None else steps
     return diffusion.sample(model, frames, sampler=sampler, steps=steps, noise=x, **kwargs)
 
 
@@ -266,7 +334,7 @@ def load_inputs(files: list[Path], channels: int, size: int) -> tuple[torch.Tens
     return torch.stack([transform(im) for im in images]), [im.size for im in images]
 
 
-def label_kwargs(args: argparse.Namespace, model, diffusion: Diffusion, n: int, guided: bool = True) -> dict:
+def label_kwargs(args: argparse.Namespace, model, diffusion: Diffusion | Flow, n: int, guided: bool = True) -> dict:
     """The conditioning for n images: --labels (one each, or one for all; -1, the unconditional model, unless
     given) and the guidance flags (the run's, else the original's; unguided for a deterministic round trip)."""
     if not hasattr(model, "num_classes"):
@@ -292,8 +360,11 @@ def label_kwargs(args: argparse.Namespace, model, diffusion: Diffusion, n: int, 
     return dict(labels=torch.tensor(labels).expand(n), cfg_scale=cfg_scale, guidance_interval=interval)
 
 
-def steps_of(args: argparse.Namespace, diffusion: Diffusion, default: int) -> int:
-    """--steps, checked against the run's chain; unless given, `default`, or the whole chain if it is shorter."""
+def steps_of(args: argparse.Namespace, diffusion: Diffusion | Flow, default: int) -> int:
+    """--steps, checked against the run's chain; unless given, `default`, or the whole chain if it is shorter. A
+    Flow's ODE has no chain: any number of steps."""
+    if isinstance(diffusion, Flow):
+        return args.steps or default
     if (args.steps or 0) >= diffusion.noise_steps:
         raise UserError(f"--steps {args.steps}: this run has {diffusion.noise_steps} noise steps: give at most "
                         f"{diffusion.noise_steps - 1}")
@@ -303,8 +374,11 @@ def steps_of(args: argparse.Namespace, diffusion: Diffusion, default: int) -> in
 # --------------------------------------------------------------------------- the flags, checked before the work
 
 def check_flags(args: argparse.Namespace) -> None:
-    """The flags against the command and each other, before anything is read."""
+    """The flags against the command, each other and the run's objective, before anything but its run.json is read."""
     command, sampler, images, seeds = args.command, args.sampler, args.images, getattr(args, "seeds", None)
+    flow_run = sample.run_config(args.run).get("diffusion_args", {}).get("objective") == "flow"  # as load reads it
+    if sampler is not None:  # first: the checks below name the samplers of the run's objective
+        sample.check_objective(sampler, args.run, flow_run)
     if command == "inpaint":
         if sampler == "dpmpp2m":
             raise UserError("--sampler dpmpp2m: inpainting takes ddpm or ddim (DPM-Solver++'s multistep history "
@@ -317,7 +391,7 @@ def check_flags(args: argparse.Namespace) -> None:
                             f"more too, or drop --jump")
     if command == "img2img" and not 0 <= args.strength <= 1:
         raise UserError(f"--strength must be in [0, 1], got {args.strength:g}: 0 keeps the images, 1 samples afresh")
-    if command == "invert" and sampler not in (None, "ddim"):
+    if command == "invert" and not flow_run and sampler not in (None, "ddim"):
         raise UserError(f"--sampler {sampler}: invert runs DDIM both ways (the inversion is DDIM's): drop --sampler")
     if command == "interpolate" and sampler == "ddpm":
         raise UserError("--sampler ddpm: interpolation decodes with a deterministic sampler, ddim or dpmpp2m (the "
@@ -379,10 +453,11 @@ def run(args: argparse.Namespace) -> None:
     print(f"wrote {out}")
 
 
-def prepare(args, model, diffusion: Diffusion, files: list[Path]):
+def prepare(args, model, diffusion: Diffusion | Flow, files: list[Path]):
     """The checks that need the run (loaded: cheap), then the command's work as a function that returns the grid's
     rows and the images a row. inpaint and img2img first say in one line what they will do."""
     size, n, command = diffusion.img_size, len(files), args.command
+    inverse = INVERSE[isinstance(diffusion, Flow)]
     x, sizes = load_inputs(files, diffusion.c_in, size) if files else (None, [])
     steps = steps_of(args, diffusion, DEFAULT_STEPS if command == "img2img" else 50)
     cond = label_kwargs(args, model, diffusion, n if files and command != "interpolate" else 1,
@@ -396,25 +471,24 @@ def prepare(args, model, diffusion: Diffusion, files: list[Path]):
         print(coverage(mask, how))
 
         def work():
-            filled = inpaint(diffusion, model, x, mask, sampler=args.sampler or "ddpm", steps=steps, jump=jump,
+            filled = inpaint(diffusion, model, x, mask, sampler=args.sampler, steps=steps, jump=jump,
                              resample=resample, **cond)
             return [x, (x * (1 - mask)).to(torch.uint8), (mask.expand_as(x.float()) * 255).to(torch.uint8), filled], n
     elif command == "img2img":
-        sampler, top = args.sampler or DEFAULT_SAMPLER, diffusion.noise_steps - 1
-        chain, t0 = diffusion.timesteps(steps, log_snr=sampler == "dpmpp2m"), round(args.strength * top)
-        k, lowest = int((chain <= t0).sum()), chain[-1].item()
-        print(f"img2img: strength {args.strength:g} " + (f"noises each image to t = {t0} of {top}, then {k} of the "
-              f"{steps} {sampler} steps denoise it" if k else f"reaches none of the {steps} {sampler} steps (the "
-              f"lowest at t = {lowest}): the images come back unchanged"))
+        sampler = args.sampler or sampling_default(diffusion)
+        print(img2img_line(args.strength, diffusion, sampler, steps))
 
         def work():
             return [x, img2img(diffusion, model, x, args.strength, sampler=sampler, steps=steps, **cond)], n
     elif command == "invert":
+        sampler = args.sampler or inverse
+
         def work():
             x_T = invert(diffusion, model, x, steps=steps, **cond)
-            decoded = diffusion.sample(model, n, sampler="ddim", steps=steps, noise=x_T, progress=False, **cond)
+            decoded = diffusion.sample(model, n, sampler=sampler, steps=steps, noise=x_T, progress=False, **cond)
             error = (decoded.float() - x.float()).abs().mean().item()
-            print(f"decoded from x_T: mean absolute error {error:.2f} of 255 ({steps} DDIM steps)")
+            print(f"decoded from x_T: mean absolute error {error:.2f} of 255 ({steps} "
+                  f"{'DDIM' if sampler == 'ddim' else sampler} steps)")
             return [x, to_images(x_T / 3), decoded], n  # x_T shown at a third of its scale: N(0, 1) within [-1, 1]
     else:  # interpolate: between two seeds' noise, or two inversions, along one class
         cond = {**cond, "labels": cond["labels"][0]} if cond else {}
@@ -425,9 +499,25 @@ def prepare(args, model, diffusion: Diffusion, files: list[Path]):
             else:
                 ends = torch.stack([torch.randn((diffusion.c_in, size, size), generator=torch.Generator()
                                                 .manual_seed(s)) for s in args.seeds or (0, 1)])
-            return [interpolate(diffusion, model, ends[0], ends[1], args.frames, sampler=args.sampler or "ddim",
-                                steps=steps, **cond)], args.frames
+            # between inversions the sampler that inverts them, else interpolate's default
+            return [interpolate(diffusion, model, ends[0], ends[1], args.frames,
+                                sampler=args.sampler or (inverse if files else None), steps=steps, **cond)], args.frames
     return work
+
+
+def img2img_line(strength: float, diffusion: Diffusion | Flow, sampler: str, steps: int) -> str:
+    """What img2img will do: how far `strength` noises the images, and how many of the sampler's steps follow."""
+    if isinstance(diffusion, Flow):
+        times = diffusion.times(steps, strength)
+        t0, top, k, lowest = f"{times[0]:.3g}", 1, len(times) - 1, f"{1 / steps:.3g}"
+    else:
+        top = diffusion.noise_steps - 1
+        chain, t0 = diffusion.timesteps(steps, log_snr=sampler == "dpmpp2m"), round(strength * top)
+        k, lowest = int((chain <= t0).sum()), chain[-1].item()
+    return f"img2img: strength {strength:g} " + (f"noises each image to t = {t0} of {top}, then {k} of the {steps} "
+                                                  f"{sampler} steps denoise it" if k else f"reaches none of the "
+                                                  f"{steps} {sampler} steps (the lowest at t = {lowest}): the images "
+                                                  f"come back unchanged")
 
 
 # --------------------------------------------------------------------------- the flags
@@ -440,11 +530,16 @@ def build_parser() -> ArgumentParser:
     commands = p.add_subparsers(dest="command", required=True)
     helps = {"inpaint": "fill a masked part of each image (RePaint)",
              "img2img": "noise each image part of the way and denoise it (SDEdit)",
-             "invert": "find the x_T that DDIM decodes into each image, and decode it",
+             "invert": "find the x_T that DDIM (flow matching: Euler) decodes into each image, and decode it",
              "interpolate": "decode the slerp between two x_T (two seeds, or two inverted images)"}
-    samplers = {"inpaint": "ddpm (RePaint's ancestral chain) or ddim (default: ddpm)",
-                "img2img": f"any (default: {DEFAULT_SAMPLER})", "invert": "ddim only: the inversion is DDIM's",
-                "interpolate": "decoding: ddim or dpmpp2m; with --images ddim only (default: ddim)"}
+    samplers = {"inpaint": "ddpm (RePaint's ancestral chain) or ddim (default: ddpm); a flow-matching run's: euler or "
+                           "heun (default: heun)",
+                "img2img": f"any of the run's (default: {DEFAULT_SAMPLER}; a flow-matching run's: "
+                           f"{flow.DEFAULT_SAMPLER})",
+                "invert": "ddim only: the inversion is DDIM's; a flow-matching run's, to decode: euler (default: "
+                          "the inversion's own steps) or heun (closer, at twice the evaluations)",
+                "interpolate": "decoding: ddim or dpmpp2m; with --images ddim only (default: ddim); a flow-matching "
+                               "run's: euler or heun (default: heun; with --images euler, as invert)"}
     for name, help_text in helps.items():
         c = commands.add_parser(name, help=help_text, description=help_text)
         c.add_argument("--run", required=True, help="a run folder (models/<run_name>) or a checkpoint file")
@@ -458,10 +553,11 @@ def build_parser() -> ArgumentParser:
                        help="conditional runs: a class (index or name) for all images, or one each; -1 = none "
                             "(default: -1)")
         add_guidance_args(c)
-        c.add_argument("--sampler", choices=SAMPLERS, default=None, help=samplers[name])
+        c.add_argument("--sampler", choices=SAMPLERS + flow.SAMPLERS, default=None, help=samplers[name])
         c.add_argument("--steps", type=whole(1), default=None,
                        help=f"sampler steps, below the run's noise steps (default: "
-                            f"{DEFAULT_STEPS if name == 'img2img' else 50}, or all if the run has fewer)")
+                            f"{DEFAULT_STEPS if name == 'img2img' else 50}, or all if the run has fewer); a "
+                            f"flow-matching run's ODE takes any number")
         c.add_argument("--no_ema", action="store_true", help="use ckpt.pt even when ema_ckpt.pt exists")
         c.add_argument("--image_size", type=whole(8), default=None, help="a bare checkpoint's image size (64)")
         c.add_argument("--out", default=None, help=f"the grid image, a format Pillow writes (default: edit_{name}.png)")

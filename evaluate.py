@@ -26,12 +26,14 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from ddpm import SAMPLERS
-from sample import add_sampler_args, check_guidance, fill_sampling, full_chain, load_from_flags
+from flow import Flow
+from sample import add_sampler_args, check_guidance, fill_sampling, load_from_flags, sampler_steps, visited_times
 from devices import autocast, autocast_dtype, seed_everything
 from files import load_checkpoint, save_checkpoint, save_json, UserError, writable_folder
 from runs import add_runtime_args, ArgumentParser, run_main, whole
 from utils import (ImageFiles, labels_of, load_dataset, read_folder, save_images, split_held_out, to_model_range,
                    transforms)
+from tools.exact import ExactDenoiser
 from tools.readme import readme_block
 from tools.report import (format_row, images_used, plot_sweeps, print_table, setting_name, sorted_by_label,
                           training_record, write_readme)
@@ -39,6 +41,9 @@ from tools.report import (format_row, images_used, plot_sweeps, print_table, set
 CFG_SWEEP = [1, 2, 3, 4, 5, 6, 7]  # 1 = unguided; a scale <= 0 is treated as 1, so 0 would repeat it
 # Every sampler at these network evaluations (one per step, a guided one included), and the original's chain.
 STEPS_SWEEP = [(sampler, nfe) for sampler in SAMPLERS for nfe in (5, 10, 15, 20, 50, 100)]
+# flow matching: Euler at those evaluations, Heun at about as many (2 a step but the last)
+FLOW_SWEEP = [(sampler, k) for nfe in (5, 10, 15, 20, 50, 100)
+              for sampler, k in (("euler", nfe), ("heun", (nfe + 1) // 2))]
 FULL_CHAIN = [("ddpm", None)]  # the original's 999 steps: as long as the whole steps sweep, so in "all" only
 JUDGE_EPOCHS = 15  # a new judge's, unless --judge_epochs
 
@@ -239,44 +244,6 @@ def class_entropy(predicted: torch.Tensor, num_classes: int) -> float:
     return abs(float((p[p > 0] * p[p > 0].log()).sum() / math.log(num_classes)))  # abs: 0, not -0
 
 
-# --------------------------------------------------------------------------- the exact denoiser
-
-class ExactDenoiser(nn.Module):
-    """The noise prediction that is exact when the training images are the whole distribution.
-
-    Then E[x_0 | x_t] is a mean of the training images x_i weighted by N(x_t; sqrt(alpha_hat_t) x_i,
-    (1 - alpha_hat_t) I) (only those of class y when a label is given), and
-    eps*(x_t, t) = (x_t - sqrt(alpha_hat_t) E[x_0 | x_t]) / sqrt(1 - alpha_hat_t) (v* for a v-prediction diffusion).
-    Sampling with it ends on training images (the memorisation check flags it), so its FD is what
-    the sampler and guidance alone cost: the best any model can score at the same setting.
-    Each call compares every image with every training image (float64): fine for the digits,
-    slow for a folder of tens of thousands.
-    """
-
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor | None, diffusion, num_classes: int | None = None):
-        super().__init__()
-        # The training images are its parameters (the samplers read the device off them).
-        self.x0 = nn.Parameter(images.flatten(1).double() / 127.5 - 1, requires_grad=False)
-        self.register_buffer("x0_sq", self.x0.square().sum(1))
-        self.register_buffer("labels", labels)
-        self.register_buffer("alpha_hat", diffusion.alpha_hat.double().cpu())
-        self.prediction = diffusion.prediction  # what the sampler expects: eps, or v for a v-prediction run
-        if num_classes is not None:
-            self.num_classes = num_classes  # read by the conditional sampler
-
-    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
-        alpha_hat = self.alpha_hat[t][:, None]
-        x_t = x.flatten(1).double()
-        # log N(x_t; sqrt(alpha_hat) x_i, (1 - alpha_hat) I) up to terms that do not depend on i
-        logits = (alpha_hat.sqrt() * x_t @ self.x0.T - 0.5 * alpha_hat * self.x0_sq) / (1 - alpha_hat)
-        if y is not None and self.labels is not None:  # label -1 (or an exact denoiser without labels): every image
-            logits = logits.masked_fill((y[:, None] >= 0) & (self.labels[None] != y[:, None]), -math.inf)
-        x0 = torch.softmax(logits, dim=1) @ self.x0
-        eps = (x_t - alpha_hat.sqrt() * x0) / (1 - alpha_hat).sqrt()
-        out = eps if self.prediction == "eps" else alpha_hat.sqrt() * eps - (1 - alpha_hat).sqrt() * x0
-        return out.to(x.dtype).view_as(x)
-
-
 # --------------------------------------------------------------------------- evaluation
 
 def generate(model, diffusion, n: int, labels: torch.Tensor | None, cfg_scale: float, sampler: str,
@@ -424,13 +391,9 @@ def evaluate(args: argparse.Namespace) -> dict:
     # the sampling flags given, for the --readme block's command (the rest are the run's own, recorded in run.json)
     given_sampling = "".join(f"--{k} {v:g} " if isinstance(v, float) else f"--{k} {v} "
                              for k in ("sampler", "steps", "cfg_scale") if (v := getattr(args, k)) is not None)
-    given = {k for k in ("cfg_scale", "guidance_interval") if getattr(args, k) is not None}
+    given = {k for k in ("cfg_scale", "guidance_interval", "steps") if getattr(args, k) is not None}
     fill_sampling(args, model, conditional)
-    steps = full_chain(args.steps, args.sampler, diffusion)
-    try:
-        diffusion.check_sampler(args.sampler, steps)
-    except ValueError as e:
-        raise UserError(f"--{e}")
+    steps = sampler_steps(args, given, diffusion)
     if conditional:  # an interval out of range, or one that would change nothing: as sample.py refuses it
         check_guidance(args, given, list(range(model.num_classes)), steps, diffusion)
 
@@ -453,7 +416,8 @@ def evaluate(args: argparse.Namespace) -> dict:
     if args.sweep in ("cfg", "all") and guided:
         settings += [dict(sampler=args.sampler, steps=steps, cfg_scale=float(c)) for c in CFG_SWEEP]
     if args.sweep in ("steps", "all"):
-        chains = STEPS_SWEEP + (FULL_CHAIN if args.sweep == "all" else [])
+        chains = (FLOW_SWEEP if isinstance(diffusion, Flow) else STEPS_SWEEP + (FULL_CHAIN if args.sweep == "all"
+                                                                                else []))
         too_many = sorted({k for _, k in chains if k is not None and k >= diffusion.noise_steps})
         if too_many:
             print(f"note: --sweep {args.sweep} leaves out {', '.join(map(str, too_many))} steps: this run has "
@@ -479,7 +443,7 @@ def evaluate(args: argparse.Namespace) -> dict:
             samples, seconds = generate(net, diffusion, args.n, asked, s["cfg_scale"], s["sampler"], s["steps"],
                                         args.precision, s["guidance_interval"])
             results.append({**s, **score(samples, labels, judge, real, len(classes)), "seconds_per_image": seconds,
-                            "nfe": len(diffusion.timesteps(s["steps"]))})
+                            "nfe": len(visited_times(diffusion, s["sampler"], s["steps"]))})
             grids[setting_name(s)] = samples[:in_grid]
             if len(results) == 1:
                 main_samples = samples  # standard FID's

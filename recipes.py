@@ -12,7 +12,8 @@ CFG_SCALE = 3.0  # the original's guidance scale
 
 # The original's objective and network: the plain MSE of the noise. A run saved before these options existed was
 # trained with them, so resuming it fills them in.
-ORIGINAL_OPTIONS = dict(prediction="eps", loss_weight="none", **ORIGINAL_SHAPE)
+ORIGINAL_OPTIONS = dict(objective="ddpm", prediction="eps", loss_weight="none", immiscible=False, adam_beta2=0.999,
+                        **ORIGINAL_SHAPE)
 # Minutes on a CPU: width 32 and batch 64 keep 2 cores busy; a high learning rate early, decayed to zero.
 _SMALL = dict(width=32, batch_size=64, lr=2e-3, warmup=200, lr_schedule="cosine", **ORIGINAL_OPTIONS)
 

@@ -21,7 +21,7 @@ from tqdm import tqdm
 from devices import (autocast, autocast_dtype, barrier, gather, init_distributed, pick_device, PRECISION_HELP,
                      precision_name, PRECISIONS, seed_everything)
 from files import load_checkpoint, save_checkpoint, save_json, tensor_bytes, UserError, writable_folder, WriteError
-from utils import close_loader, DATASETS, make_grid, save_images, SeededSampler
+from utils import close_loader, DATASETS, make_grid, save_images, SeededSampler, square_nrow
 from modules import shape_problem
 
 
@@ -76,9 +76,7 @@ class Run:
             "model_args": dict(c_in=a.c_in, c_out=a.c_in, time_dim=model.time_dim, width=a.width,
                                input_skip=a.input_skip, channel_mult=list(model.channel_mult),
                                attention=list(model.attention), heads=model.heads),
-            "diffusion_args": dict(noise_steps=a.noise_steps, beta_start=diffusion.beta_start,
-                                   beta_end=diffusion.beta_end, img_size=a.image_size, c_in=a.c_in,
-                                   schedule=a.schedule, prediction=a.prediction),
+            "diffusion_args": diffusion.settings(),
             "sampling": sampling,
             "class_names": a.class_names,
             "dataset": a.dataset,
@@ -102,10 +100,14 @@ class Run:
             torch.cuda.set_rng_state(rng["cuda"], self.device)
         return state
 
-    def continue_schedule(self, optimizer: torch.optim.Optimizer, scheduler, lr_factor: Callable,
-                          saved_epochs: int, steps_per_epoch: int) -> None:
+    def lr_schedule(self, optimizer: torch.optim.Optimizer, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+        """The learning rate at each step: --lr times lr_factor (--warmup, --lr_schedule)."""
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, self.args, total_steps))
+
+    def continue_schedule(self, optimizer: torch.optim.Optimizer, scheduler, saved_epochs: int,
+                          steps_per_epoch: int) -> None:
         """After a resume the optimisation flags given now win: the learning rate, the weight decay, and a schedule
-        that spans the --epochs given now. `lr_factor(step, args, total_steps)` is the schedule."""
+        that spans the --epochs given now."""
         a, total = self.args, self.args.epochs * steps_per_epoch
         if a.lr_schedule == "cosine" and a.epochs != saved_epochs and self.is_main:
             before = lr_factor(self.step, a, saved_epochs * steps_per_epoch)
@@ -197,9 +199,10 @@ class Run:
         every = self.args.sample_every
         return self.is_main and bool(every) and ((epoch + 1) % every == 0 or epoch == self.args.epochs - 1)
 
-    def save_grids(self, epoch: int, grids: dict[str, torch.Tensor], nrow: int) -> None:
-        """results/<run>/<epoch><suffix>.jpg and TensorBoard, for each {suffix: uint8 images}. The first time, say
-        what the grids cost beside the training: at large sizes or many classes they can cost more."""
+    def save_grids(self, epoch: int, grids: dict[str, torch.Tensor]) -> None:
+        """results/<run>/<epoch><suffix>.jpg and TensorBoard, for each {suffix: uint8 images}: a row per class
+        (conditional), else about square. The first time, say what the grids cost beside the training: at large
+        sizes or many classes they can cost more."""
         if self.grid_seconds is None:
             self.grid_seconds = time.monotonic() - self.epoch_end  # drawn since the epoch ended
             print(f"sample grids: {sum(len(images) for images in grids.values())} images in "
@@ -207,11 +210,12 @@ class Run:
                   f"(--sample_every and --n_samples set their cost)")
         folder = Path("results") / self.args.run_name
         for suffix, images in grids.items():
+            row = self.args.n_samples if hasattr(self.args, "num_classes") else square_nrow(len(images))
             try:
-                save_images(images, folder / f"{epoch}{suffix}.jpg", nrow=nrow)
+                save_images(images, folder / f"{epoch}{suffix}.jpg", nrow=row)
             except WriteError as e:
                 raise UserError(f"{e}; make room: {self.what_is_kept()}") from None
-            self.logger.add_image(f"samples{suffix}", make_grid(images, nrow), epoch)
+            self.logger.add_image(f"samples{suffix}", make_grid(images, row), epoch)
 
     def save(self, files: dict[str, dict], state: dict) -> None:
         """Write `files` and resume.pt (`state` and the run's position), each atomically, resume.pt last."""
@@ -349,8 +353,9 @@ def add_runtime_args(p: argparse.ArgumentParser) -> None:
 
 
 def training_parser(description: str, run_name: str, recipe: Callable[[str], str]) -> ArgumentParser:
-    """A training script's parser, with the flags of the run rather than the method in a group of their own: the
-    data, the grids, devices, saving and resuming. `recipe(flag)` words the defaults that depend on the dataset."""
+    """A training script's parser with the UNet's shape flags, and in groups of their own the flags of the run rather
+    than the method (the data, the grids, devices, saving and resuming) and of the optimisation. `recipe(flag)` words
+    the defaults that depend on the dataset."""
     parser = ArgumentParser(description)
     p = parser.add_argument_group("the run: data, sample grids, device, logging, saving and resuming")
     p.add_argument("--run_name", default=run_name, help="names the folders under models/, results/ and runs/")
@@ -384,12 +389,27 @@ def training_parser(description: str, run_name: str, recipe: Callable[[str], str
     p.add_argument("--n_samples", type=whole(1), default=16,
                    help="images in each sample grid (conditional: per class, for at most 10 classes)")
     add_runtime_args(p)
+    add_shape_args(parser, recipe)
+    parser.add_argument("--input_skip", action=argparse.BooleanOptionalAction, default=True,
+                        help="a 1x1 conv from x_t past the first GroupNorm (docs/changes.md); --no-input_skip: the "
+                             "original")
+    p = parser.add_argument_group("optimisation: AdamW, its learning-rate schedule, the batch and the epochs")
+    p.add_argument("--epochs", type=whole(1), default=None, help=f"passes over the data {recipe('epochs')}")
+    p.add_argument("--batch_size", type=whole(1), default=None, help=f"images per step {recipe('batch_size')}")
+    p.add_argument("--lr", type=real(positive=True), default=None, help=f"AdamW peak learning rate {recipe('lr')}")
+    p.add_argument("--warmup", type=whole(0), default=None, help=f"linear learning-rate warm-up steps {recipe('warmup')}")
+    p.add_argument("--lr_schedule", choices=["constant", "cosine"], default=None,
+                   help=f"after warm-up {recipe('lr_schedule')}")
+    p.add_argument("--weight_decay", type=real(0), default=0.01, help="AdamW weight decay")
+    p.add_argument("--adam_beta2", type=real(0), default=None,
+                   help=f"AdamW's beta2: 0.999 is the original's, EDM2 (Karras et al. 2024) uses 0.99 {recipe('adam_beta2')}")
     return parser
 
 
 def add_shape_args(p: argparse.ArgumentParser, default: Callable[[str], str] = lambda flag: "", **defaults) -> None:
     """The UNet's shape flags: for the training scripts (defaults None, the recipes' worded by `default(flag)`),
     and for benchmark.py (`defaults`)."""
+    p.add_argument("--width", type=whole(4), help=f"base channel width of the UNet {default('width')}".rstrip())
     p.add_argument("--channel_mult", type=whole(1), nargs=3, metavar=("M2", "M4", "M8"),
                    help="the UNet's widths at 1/2, 1/4 and 1/8 of the side, as multiples of --width (the bottleneck: "
                         f"twice the last) {default('channel_mult')}".rstrip())
@@ -429,10 +449,20 @@ def parse_run_args(parser: argparse.ArgumentParser, argv: list[str] | None, reci
     return args
 
 
+def lr_factor(step: int, args: argparse.Namespace, total_steps: int) -> float:
+    """Linear warm-up over `args.warmup` steps, then constant, or cosine decay to zero."""
+    if step < args.warmup:
+        return (step + 1) / args.warmup
+    if args.lr_schedule == "cosine":
+        progress = (step - args.warmup) / max(1, total_steps - args.warmup)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return 1.0
+
+
 # What a resumed run may not change: the model and the data (and so the meaning of a step).
 LOCKED = ("dataset", "dataset_path", "image_size", "c_in", "width", "channel_mult", "attention", "heads", "input_skip",
           "noise_steps", "schedule",
-          "prediction", "num_classes", "limit", "batch_size", "label_drop")
+          "objective", "prediction", "num_classes", "limit", "batch_size", "label_drop")
 
 
 def resumed_args(parser: argparse.ArgumentParser, argv: list[str] | None, args: argparse.Namespace,

@@ -20,6 +20,7 @@ import torch.nn as nn
 
 import ddpm
 import ddpm_conditional
+import flow
 from ddpm_conditional import CFG_SCALE, add_guidance_args, check_guidance_interval
 from modules import UNet, UNet_conditional
 from devices import autocast, autocast_dtype, pick_device, seed_everything
@@ -176,7 +177,10 @@ def load(path: str | Path, ema: bool = True, device: str | torch.device | None =
         raise UserError(f"'{path}' does not fit the architecture {arch}: {str(e).splitlines()[0]}")
     model = model.to(device).eval().requires_grad_(False)
     model.class_names = config.get("class_names")
-    diffusion = (ddpm_conditional.Diffusion if conditional else ddpm.Diffusion)(**diffusion_args, device=device)
+    if diffusion_args.pop("objective", "ddpm") == "flow":
+        diffusion = (ddpm_conditional.Flow if conditional else flow.Flow)(**diffusion_args, device=device)
+    else:
+        diffusion = (ddpm_conditional.Diffusion if conditional else ddpm.Diffusion)(**diffusion_args, device=device)
     return model, diffusion
 
 
@@ -249,8 +253,9 @@ def size_warning(run: str, image_size: int | None) -> str | None:
 def add_sampler_args(p: argparse.ArgumentParser) -> None:
     """--sampler, --steps and the guidance flags, as sample.py and evaluate.py take them: unless given,
     the run's recommended settings."""
-    p.add_argument("--sampler", choices=ddpm.SAMPLERS, default=None,
-                   help="ddim: Song et al. (eta 0: deterministic); ddpm: ancestral; dpmpp2m: DPM-Solver++(2M) "
+    p.add_argument("--sampler", choices=ddpm.SAMPLERS + flow.SAMPLERS, default=None,
+                   help="DDPM runs: ddim: Song et al. (eta 0: deterministic); ddpm: ancestral; dpmpp2m: "
+                        "DPM-Solver++(2M); flow-matching runs: euler, or heun (2nd order) "
                         f"(default: the run's, else {ddpm.DEFAULT_SAMPLER})")
     p.add_argument("--steps", type=whole(0), default=None,
                    help="sampler steps = network evaluations; 0 = every step (the original's chain) "
@@ -267,7 +272,11 @@ def recommended(path: str | Path, model: nn.Module, conditional: bool | None = N
     if not Path(path).expanduser().exists():
         raise UserError(f"'{path}' does not exist: give the run folder or checkpoint file that load was given")
     saved = run_config(path).get("sampling", {})
-    settings = ddpm.default_sampling(getattr(model, "inc_skip", None) is not None)
+    # the recommended sampler with the input skip (every run trained here); the original's UNet() drifts on it
+    if getattr(model, "inc_skip", None) is not None:
+        settings = dict(sampler=ddpm.DEFAULT_SAMPLER, steps=ddpm.DEFAULT_STEPS)
+    else:
+        settings = dict(sampler="ddpm", steps=50)
     if hasattr(model, "num_classes") if conditional is None else conditional:
         settings.update(cfg_scale=CFG_SCALE, guidance_interval=None)
     settings.update({k: v for k, v in saved.items() if k in settings})
@@ -309,11 +318,41 @@ def class_indices(labels: list[str], model: nn.Module) -> list[int]:
     return indices
 
 
-def full_chain(steps: int, sampler: str, diffusion: ddpm.Diffusion) -> int | None:
-    """--steps 0 means every step: the original's chain for ddpm (steps=None), all T-1 steps for the others."""
-    if steps:
-        return steps
-    return None if sampler == "ddpm" else diffusion.noise_steps - 1
+def check_objective(sampler: str, run: str, flow_run: bool) -> None:
+    """--sampler against the run's objective: DDPM's samplers for a DDPM run, the ODE's for a flow-matching one."""
+    if (sampler in flow.SAMPLERS) != flow_run:
+        kind, samplers = ("a flow-matching", flow.SAMPLERS) if flow_run else ("a DDPM", ddpm.SAMPLERS)
+        raise UserError(f"--sampler {sampler} does not apply to {run}, {kind} run: use {' or '.join(samplers)}")
+
+
+def sampler_steps(args: argparse.Namespace, given: set[str], diffusion: ddpm.Diffusion | flow.Flow) -> int | None:
+    """--sampler checked against the run's objective, and --steps as the sampler's `steps`: 0 means every step, the
+    original's chain for ddpm (steps=None) and all T-1 steps for the other DDPM samplers."""
+    flow_run = isinstance(diffusion, flow.Flow)
+    check_objective(args.sampler, args.run, flow_run)
+    if flow_run:
+        if args.steps == 0:
+            raise UserError("--steps 0 (every step) is the DDPM chain's: a flow-matching run takes a number of ODE "
+                            "steps, at least 1")
+        return args.steps
+    most = diffusion.noise_steps - 1
+    if args.steps > most:
+        if "steps" in given:
+            raise UserError(f"--steps {args.steps}: {args.run} has T = {diffusion.noise_steps} noise levels, so a "
+                            f"chain has at most {most} steps (--steps 0: all of them)")
+        args.steps = most  # the run's recommendation is more than its chain has
+    if args.steps:
+        return args.steps
+    return None if args.sampler == "ddpm" else most
+
+
+def visited_times(diffusion: ddpm.Diffusion | flow.Flow, sampler: str, steps: int | None) -> list[int]:
+    """The times at which a sampler asks the network, in its units (timesteps; 1000 t for flow matching)."""
+    if isinstance(diffusion, flow.Flow):
+        times = diffusion.times(steps)
+        asked = times[:-1] if sampler == "euler" else times[:-1] + times[1:-1]  # heun: both ends of each step but the last
+        return [round(diffusion.noise_steps * t) for t in asked]
+    return diffusion.timesteps(steps, log_snr=sampler == "dpmpp2m").tolist()
 
 
 def check_guidance(args: argparse.Namespace, given: set[str], classes: list[int], steps: int | None,
@@ -337,7 +376,7 @@ def check_guidance(args: argparse.Namespace, given: set[str], classes: list[int]
         whose = "given" if "cfg_scale" in given else "the run's"
         raise UserError(f"--guidance_interval {lo} {hi} would change nothing: the guidance scale is {scale:g} "
                         f"({whose}), which does not guide (1, or 0 and below): give --cfg_scale too, or drop it")
-    visited = diffusion.timesteps(steps, log_snr=args.sampler == "dpmpp2m").tolist()
+    visited = visited_times(diffusion, args.sampler, steps)
     if not any(lo <= t <= hi for t in visited):
         shown = ", ".join(map(str, visited[:8])) + (", ..." if len(visited) > 8 else "")
         raise UserError(f"--guidance_interval {lo} {hi} would change nothing: the {args.sampler} sampler's "
@@ -389,13 +428,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.eta is not None and args.sampler != "ddim":
         raise UserError(f"--eta is the ddim sampler's noise, and {args.run} recommends {args.sampler}: drop --eta, "
                         f"or use --sampler ddim")
-    most = diffusion.noise_steps - 1
-    if args.steps > most:
-        if "steps" in given:
-            raise UserError(f"--steps {args.steps}: {args.run} has T = {diffusion.noise_steps} noise levels, so a "
-                            f"chain has at most {most} steps (--steps 0: all of them)")
-        args.steps = most  # the run's recommendation is more than its chain has
-    steps = full_chain(args.steps, args.sampler, diffusion)
+    steps = sampler_steps(args, given, diffusion)
     kwargs = dict(sampler=args.sampler, steps=steps, eta=args.eta or 0.0)
     if conditional:
         classes = list(range(model.num_classes)) if args.labels is None else class_indices(args.labels, model)

@@ -2,6 +2,7 @@
 import io
 import itertools
 import math
+import numbers
 import os
 import signal
 import sys
@@ -496,6 +497,22 @@ def close_loader(loader: DataLoader) -> None:
     if iterator is not None and hasattr(iterator, "_shutdown_workers"):
         iterator._shutdown_workers()
         loader._iterator = None
+
+
+def to_images(x: torch.Tensor) -> torch.Tensor:
+    """x in [-1, 1] -> uint8 images, rounded as the real images are."""
+    return (((x.clamp(-1, 1) + 1) / 2) * 255).round().to(torch.uint8)
+
+
+def batch_shape(n, noise: torch.Tensor | None, channels: int, size: int) -> tuple[int, int, int, int]:
+    """The shape of a sampler's n images; ValueError unless n is a whole number >= 1 and `noise` (x at the start,
+    or None) has that shape."""
+    if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1:
+        raise ValueError(f"n must be a whole number of images, at least 1, got {n!r}")
+    shape = (n, channels, size, size)
+    if noise is not None and tuple(noise.shape) != shape:
+        raise ValueError(f"noise must have the shape of the n images, {shape}, got {tuple(noise.shape)}")
+    return shape
 
 
 def square_nrow(n: int) -> int:

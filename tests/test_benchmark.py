@@ -77,3 +77,16 @@ def test_the_originals_run_and_full_chain(in_tmp, monkeypatch):
     assert isinstance(trainers[0].model.sa3, benchmark.OriginalAttention)
     with pytest.raises(UserError, match="--original trains in fp32"):
         benchmark.main([*TINY, "--original", "--precision", "bf16"])
+
+
+def test_a_flow_step_with_immiscible_noise_is_benchmarked_and_named(in_tmp):
+    benchmark.main([*TINY, "--objective", "flow", "--immiscible", "--json", "f.json"])
+    r = json.loads((in_tmp / "f.json").read_text())
+    assert r["sampler"] == "heun-15"  # 8 steps: 15 network evaluations
+    assert r["config"]["objective"] == "flow" and r["config"]["immiscible"]
+    assert "flow matching, immiscible noise" in benchmark.readme_row(r)
+
+
+def test_a_sampler_of_the_other_objective_is_refused(in_tmp):
+    with pytest.raises(UserError, match="--sampler ddim does not apply to --objective flow: use euler or heun"):
+        benchmark.main([*TINY, "--objective", "flow", "--sampler", "ddim"])

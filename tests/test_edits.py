@@ -13,19 +13,23 @@ import ddpm_conditional
 import edit
 from ddpm import Diffusion
 from edit import img2img, inpaint, interpolate, invert, repaint_path, slerp
-from evaluate import ExactDenoiser
+from tools.exact import ExactDenoiser
 from modules import UNet, UNet_conditional
 from runs import run_main
 from utils import load_dataset
 
 
-@pytest.fixture(scope="module")
-def digits():
-    """64 digits at 16x16, their labels, and the exact denoiser of them (the conditional one)."""
+def exact_digits(kind):
+    """64 digits at 16x16, their labels, a conditional Diffusion or Flow (`kind`) and the exact model of them."""
     x, y, *_ = load_dataset("digits")
     images = torch.nn.functional.interpolate(x[:64].float(), size=16, mode="area").round().to(torch.uint8)
-    d = ddpm_conditional.Diffusion(img_size=16, c_in=1)
+    d = kind(img_size=16, c_in=1)
     return images, y[:64], d, ExactDenoiser(images, y[:64], d, num_classes=10)
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return exact_digits(ddpm_conditional.Diffusion)
 
 
 def right_half(size: int = 16) -> torch.Tensor:

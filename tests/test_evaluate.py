@@ -8,6 +8,7 @@ import ddpm_conditional
 import evaluate
 from conftest import write_images
 from files import UserError
+from tools.exact import ExactDenoiser
 from utils import load_dataset
 
 
@@ -80,7 +81,7 @@ def test_exact_denoiser_recovers_the_noise_and_its_samples_are_training_images()
     images = torch.randint(0, 256, (6, 1, 8, 8), generator=torch.Generator().manual_seed(0)).to(torch.uint8)
     labels = torch.tensor([0, 0, 0, 0, 0, 1])  # class 1 is a single image
     diffusion = ddpm_conditional.Diffusion(img_size=8, c_in=1)
-    exact = evaluate.ExactDenoiser(images, labels, diffusion, num_classes=2)
+    exact = ExactDenoiser(images, labels, diffusion, num_classes=2)
     t = torch.tensor([500, 900])
     x_t, eps = diffusion.noise_images(images[5:].float().expand(2, -1, -1, -1) / 127.5 - 1, t)
     # Given its class, the posterior of x_0 is that one image: the noise is recovered exactly.
@@ -189,7 +190,8 @@ def test_evaluate_end_to_end_writes_report_plots_and_readme(in_tmp, monkeypatch)
         evaluate.evaluate(evaluate.build_parser().parse_args(args + ["--unconditional", "--cfg_scale", "2"]))
     with pytest.raises(UserError, match="--steps must be at least 0, got -3"):
         evaluate.evaluate(evaluate.build_parser().parse_args(args + ["--steps", "-3"]))
-    with pytest.raises(UserError, match="--steps must be in"):
+    with pytest.raises(UserError, match="--steps 5000: models/DDPM_conditional has T = 20 noise levels, so a chain "
+                                        "has at most 19 steps"):
         evaluate.evaluate(evaluate.build_parser().parse_args(args + ["--steps", "5000"]))
 
 

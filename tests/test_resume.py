@@ -16,7 +16,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 import ddpm
 import ddpm_conditional
 from conftest import ROOT, write_images
-from runs import run_main
+from runs import lr_factor, run_main
 
 # 32 digits, batch 8: 4 steps an epoch; log every step so that TensorBoard shows every step
 TINY = ["--width", "8", "--image_size", "16", "--precision", "fp32", "--noise_steps", "50", "--limit", "32",
@@ -320,7 +320,7 @@ def test_more_epochs_on_a_cosine_run_span_the_schedule_over_the_new_total(in_tmp
     # 16 steps in all: lr(step) = 1e-3 * cos-decay(step / 16), ending at 0
     assert weights(in_tmp, "resume.pt")["optimizer"]["param_groups"][0]["lr"] == pytest.approx(0, abs=1e-12)
     args = ddpm_conditional.parse_args([*TINY, *RUN, "--epochs", "4", *cosine])
-    assert ddpm.lr_factor(12, args, 16) == pytest.approx(0.5 * (1 + math.cos(math.pi * 12 / 16)))
+    assert lr_factor(12, args, 16) == pytest.approx(0.5 * (1 + math.cos(math.pi * 12 / 16)))
 
 
 def test_folder_run_resumed_at_an_epoch_end_sees_the_same_random_crops(tmp_path, monkeypatch):

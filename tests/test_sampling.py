@@ -15,7 +15,7 @@ import ddpm_conditional
 import evaluate
 import sample
 from ddpm import SAMPLERS, Diffusion
-from evaluate import ExactDenoiser
+from tools.exact import ExactDenoiser
 from modules import UNet, UNet_conditional
 from files import UserError
 from runs import run_main
@@ -365,9 +365,11 @@ def test_sample_command_same_seed_same_file(tmp_path, device):
     assert (tmp_path / "a.png").read_bytes() == (tmp_path / "b.png").read_bytes()
 
 
-def test_sampling_notebook_runs_top_to_bottom_and_keeps_its_pictures(tmp_path, monkeypatch):
-    """sampling.ipynb against a tiny conditional run trained here, executed in place by `python -m tools.notebook`
-    from the repo root (on a copy: the committed notebook keeps the default run's outputs)."""
+@pytest.mark.parametrize("objective", ["ddpm", "flow"])
+def test_sampling_notebook_runs_top_to_bottom_and_keeps_its_pictures(tmp_path, monkeypatch, objective):
+    """sampling.ipynb against a tiny conditional run of each objective trained here, executed in place by
+    `python -m tools.notebook` from the repo root (on a copy: the committed notebook keeps the default run's
+    outputs)."""
     nbformat = pytest.importorskip("nbformat")
     import shutil
 
@@ -379,14 +381,16 @@ def test_sampling_notebook_runs_top_to_bottom_and_keeps_its_pictures(tmp_path, m
     with pytest.raises(UserError, match="train it first"):
         notebook_tool.main(["--notebook", str(ROOT / "sampling.ipynb")])
     ddpm_conditional.main(["--width", "8", "--image_size", "16", "--noise_steps", "100", "--limit", "32",
-                           "--epochs", "1", "--sample_every", "0", "--precision", "fp32"])
+                           "--epochs", "1", "--sample_every", "0", "--precision", "fp32", "--objective", objective])
     shutil.copy(ROOT / "sampling.ipynb", tmp_path / "copy.ipynb")
     notebook_tool.main(["--notebook", str(tmp_path / "copy.ipynb"), "--timeout", "300"])
     notebook = nbformat.read(tmp_path / "copy.ipynb", as_version=4)
     outputs = [o for cell in notebook.cells if cell.cell_type == "code" for o in cell.outputs]
     assert not [o for o in outputs if o.output_type == "error" or o.get("name") == "stderr"]
     assert sum("image/png" in o.get("data", {}) for o in outputs) == 8  # grid, denoising, noising, 5 of edits
-    assert "'cfg_scale': 3.5" in "".join(o.get("text", "") for o in outputs)  # the run's recommended guidance
+    printed = "".join(o.get("text", "") for o in outputs)
+    assert "'cfg_scale': 3.5" in printed  # the run's recommended guidance
+    assert f"'sampler': '{'heun' if objective == 'flow' else 'dpmpp2m'}'" in printed
 
 
 def test_sample_command_refuses_flags_that_would_do_nothing(tmp_path, capsys):

@@ -7,8 +7,8 @@ import torch
 import ddpm
 import ddpm_conditional
 import sample
-from ddpm import SAMPLERS, Diffusion, min_snr_weight
-from evaluate import ExactDenoiser
+from ddpm import SAMPLERS, Diffusion, loss_weight
+from tools.exact import ExactDenoiser
 from modules import EMA
 
 TINY = ["--width", "8", "--image_size", "16", "--precision", "fp32", "--noise_steps", "100", "--sample_steps", "5"]
@@ -17,8 +17,8 @@ TINY = ["--width", "8", "--image_size", "16", "--precision", "fp32", "--noise_st
 def test_min_snr_weight_is_its_formula_on_known_snrs():
     snr = torch.tensor([0.25, 5.0, 100.0])
     # eps: min(SNR, 5) / SNR; v: min(SNR, 5) / (SNR + 1)
-    torch.testing.assert_close(min_snr_weight(snr, 5.0, "eps"), torch.tensor([1.0, 1.0, 0.05]))
-    torch.testing.assert_close(min_snr_weight(snr, 5.0, "v"), torch.tensor([0.2, 5 / 6, 5 / 101]))
+    torch.testing.assert_close(loss_weight("min_snr", snr, 5.0, "eps"), torch.tensor([1.0, 1.0, 0.05]))
+    torch.testing.assert_close(loss_weight("min_snr", snr, 5.0, "v"), torch.tensor([0.2, 5 / 6, 5 / 101]))
     d = Diffusion(noise_steps=1000, img_size=8, c_in=1)
     t = torch.tensor([1, 500, 999])
     torch.testing.assert_close(d.snr(t), d.alpha_hat[t] / (1 - d.alpha_hat[t]))
@@ -30,7 +30,7 @@ def test_v_prediction_round_trips_eps_to_v_to_eps():
     t = torch.tensor([1, 2, 100, 500, 998, 999])
     alpha_hat = d.alpha_hat[t].double()[:, None, None, None]
     x_t = alpha_hat.sqrt() * x0 + (1 - alpha_hat).sqrt() * eps
-    v = d.velocity(x0, eps, t)
+    v = d.target(x0, eps, t)
     torch.testing.assert_close(d.eps_from_output(v, x_t, t), eps, rtol=0, atol=1e-12)
     assert Diffusion(img_size=8, c_in=3).eps_from_output(v, x_t, t) is v  # eps-prediction: the output itself
 
@@ -60,7 +60,7 @@ def test_guidance_is_the_same_in_v_and_in_eps():
         d = ddpm_conditional.Diffusion(img_size=8, c_in=1, prediction=prediction)
         model = ExactDenoiser(images, labels, d, num_classes=2)
         guided.append(d.predict_noise(model, x, t, torch.tensor([0, 1]), cfg_scale=3))
-    torch.testing.assert_close(guided[1], guided[0], rtol=0, atol=1e-5)  # guidance mixes in float32
+    torch.testing.assert_close(guided[1], guided[0], rtol=0, atol=1e-5, check_dtype=False)  # mixed in float32
 
 
 @pytest.mark.parametrize("prediction", ["eps", "v"])
@@ -76,7 +76,7 @@ def test_min_snr_loss_is_the_weighted_mse_of_the_target(in_tmp, prediction):
     torch.manual_seed(0)
     t = d.sample_timesteps(8)
     x_t, eps = d.noise_images(images, t)
-    target = eps if prediction == "eps" else d.velocity(images, eps, t)
+    target = d.target(images, eps, t)
     per_image = ((trainer.model(x_t, t) - target) ** 2).mean(dim=(1, 2, 3))
     snr = d.alpha_hat[t] / (1 - d.alpha_hat[t])
     weight = snr.clamp(max=2) / (snr if prediction == "eps" else snr + 1)
@@ -212,6 +212,10 @@ def test_the_frontier_tool_trains_evaluates_reuses_and_reports(in_tmp, capsys, m
     assert [r["setting"] for r in rows] == ["dpmpp2m-15, cfg 2 at t 8..19"] * 2  # the recipe's interval, at T = 20
     assert "--judge_epochs 1 --readme docs/training.md" in text and "](../assets/frontier_tiny.png)" in text
     assert (in_tmp / "assets" / "frontier_tiny.png").is_file()
+    best = min(rows, key=lambda r: r["fd"] / r["floor"])  # the lowest FD's samples, shown under the plot
+    assert f"The lowest FD, {best['variant']} (seed 0, epochs 1)" in text and "](../assets/frontier_tiny_best.png)" in text
+    assert (in_tmp / "assets" / "frontier_tiny_best.png").read_bytes() == \
+        (in_tmp / "results" / best["run"] / "eval_samples.png").read_bytes()
     # a second call reuses every finished point: nothing is trained or evaluated again
     own_report = in_tmp / "results" / rows[1]["run"] / "eval.json"
     stamp = (v_run / "resume.pt").stat().st_mtime_ns, own_report.stat().st_mtime_ns

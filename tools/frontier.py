@@ -64,7 +64,8 @@ def run_point(args: argparse.Namespace, variant: str, flags: str, epochs: int, s
             "steps": report["training"]["steps"], "minutes": report["training"]["minutes"],
             "precision": report["training"]["precision"], "accuracy": main["accuracy"],
             "judge_accuracy": report["judge_accuracy_held_out"], "fd": main["fd"], "floor": report["floor"]["fd"],
-            "nn_ratio": main["nn_ratio"], "n": report["n"], "setting": f"{main['sampler']}-{main['nfe']}{guidance}"}
+            "nn_ratio": main["nn_ratio"], "n": report["n"], "setting": f"{main['sampler']}-{main['nfe']}{guidance}",
+            "samples": as_posix_relative(report_dir / "eval_samples.png")}
 
 
 def plot(rows: list[dict], path: Path, title: str) -> None:
@@ -111,7 +112,12 @@ def readme_lines(args: argparse.Namespace, rows: list[dict], figure: Path) -> li
         lines.append(f"| {r['variant']} | {r['epochs']} | {r['seed']} | {r['steps']:,} | {r['minutes']:.1f} | "
                      f"{r['precision']} | {r['setting']} | {100 * r['accuracy']:.1f}% ({100 * r['judge_accuracy']:.1f}%) | "
                      f"{r['fd']:.2f} ({r['floor']:.2f}) | {r['fd'] / r['floor']:.1f}x | {r['nn_ratio']:.2f} |")
-    return lines + ["", f"![{figure.name}]({as_posix_relative(figure, Path(args.readme).parent)})", ""]
+    best = min(rows, key=lambda r: r["fd"] / r["floor"])
+    grid = figure.with_name(f"{figure.stem}_best.png")
+    atomic_write(grid, lambda f: f.write(Path(best["samples"]).read_bytes()))
+    return lines + ["", f"![{figure.name}]({as_posix_relative(figure, Path(args.readme).parent)})", "",
+                    f"The lowest FD, {best['variant']} (seed {best['seed']}, epochs {best['epochs']}): its samples, a "
+                    f"row per class.", "", f"![{grid.name}]({as_posix_relative(grid, Path(args.readme).parent)})", ""]
 
 
 def main(argv: list[str] | None = None) -> None:

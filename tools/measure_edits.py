@@ -21,7 +21,8 @@ from devices import autocast, autocast_dtype, seed_everything
 from files import UserError
 from runs import add_runtime_args, ArgumentParser, run_main, whole
 from utils import as_posix_relative
-from edit import inpaint, invert
+from edit import INVERSE, inpaint, invert
+from flow import Flow
 from tools.readme import readme_block, update_readme_block
 
 
@@ -62,8 +63,8 @@ def measure(args: argparse.Namespace) -> None:
 
             def round_trip(batch, y):
                 x_T = invert(diffusion, model, batch, steps=steps, progress=False, labels=y, **cond)
-                return diffusion.sample(model, len(batch), y, sampler="ddim", steps=steps, noise=x_T, progress=False,
-                                        **cond)
+                return diffusion.sample(model, len(batch), y, sampler=INVERSE[isinstance(diffusion, Flow)], steps=steps,
+                                        noise=x_T, progress=False, **cond)
             decoded, seconds = timed(round_trip, x_held, y_held)
             error = (decoded.float() - x_held.float()).abs()
             inversion.append((steps, error.mean().item(), (error > 32).flatten(1).any(1).float().mean().item(),

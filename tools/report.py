@@ -15,10 +15,13 @@ from pathlib import Path
 
 import torch
 
-from ddpm import SAMPLERS
+import ddpm
+import flow
 from files import atomic_write, load_checkpoint
 from utils import as_posix_relative, grid_array
 from tools.readme import update_readme_block
+
+SAMPLERS = ddpm.SAMPLERS + flow.SAMPLERS  # the order of the tables and plots
 
 NAMES = {"accuracy": "accuracy", "class_entropy": "class entropy", "fd": "FD", "kid": "KID", "nn_ratio": "NN ratio",
          "inception_fid": "Inception FID"}
@@ -170,7 +173,7 @@ def steps_frontier(report: dict, conditional: bool) -> list[str]:
              f"{'accuracy' if conditional else 'class entropy'}, FD, seconds per image"
              f"{' (unreliable, as above: ' + ' and '.join(few) + ')' if few else ''}.", "",
              "| sampler | " + " | ".join(map(str, nfes)) + " |", "|---" * (len(nfes) + 1) + "|"]
-    for sampler in SAMPLERS:
+    for sampler in sorted({r["sampler"] for r in rows}, key=SAMPLERS.index):  # DDPM's samplers, or a flow run's
         cells = {r["nfe"]: f"{quality(r, conditional)}, {shown(r['fd'], '.2f')}, {r['seconds_per_image']:.3f} s"
                  for r in rows if r["sampler"] == sampler}
         lines.append(f"| {sampler} | " + " | ".join(cells.get(k, "-") for k in nfes) + " |")
@@ -190,6 +193,7 @@ def plot_sweeps(report: dict, grids: dict, conditional: bool, model, out_dir: Pa
                        and r["steps"] == main["steps"]), key=lambda r: r["cfg_scale"])
 
     step_rows = [r for r in report["results"] if r["denoiser"] == "model" and r["cfg_scale"] == main["cfg_scale"]]
+    samplers = sorted({r["sampler"] for r in step_rows}, key=SAMPLERS.index)  # DDPM's, or a flow run's
     if conditional and len(cfg_rows("model")) >= 2:
         fig, axes = plt.subplots(1, 3, figsize=(13, 3.5))
         for ax, key in zip(axes, (metric, "fd", "kid")):
@@ -211,7 +215,7 @@ def plot_sweeps(report: dict, grids: dict, conditional: bool, model, out_dir: Pa
     if len(step_rows) >= 2:
         fig, axes = plt.subplots(1, 4, figsize=(17, 3.5))
         for ax, key in zip(axes, (metric, "fd", "kid", "seconds_per_image")):
-            for sampler in SAMPLERS:
+            for sampler in samplers:
                 rows = sorted((r for r in step_rows if r["sampler"] == sampler), key=lambda r: r["nfe"])
                 ax.plot([r["nfe"] for r in rows], [r[key] for r in rows], "o-", label=sampler)
             if report["floor"].get(key) is not None:
@@ -227,7 +231,7 @@ def plot_sweeps(report: dict, grids: dict, conditional: bool, model, out_dir: Pa
         plt.close(fig)
         side_by_side([[(f"{r['sampler']}-{r['nfe']}", grids[setting_name(r)])
                        for r in sorted(step_rows, key=lambda r: r["nfe"]) if r["sampler"] == sampler]
-                      for sampler in SAMPLERS], model, conditional, out_dir / "sweep_steps_grids.png")
+                      for sampler in samplers], model, conditional, out_dir / "sweep_steps_grids.png")
 
 
 def side_by_side(rows: list[list[tuple[str, torch.Tensor]]], model, conditional: bool, path: Path) -> None:
