@@ -39,7 +39,7 @@ from modules import ORIGINAL_ATTENTION, ORIGINAL_MULT, ORIGINAL_SHAPE, SelfAtten
 from devices import autocast_dtype, cpu_has_native, cpu_supports, pick_device, precision_name
 from files import save_json, UserError
 from runs import add_runtime_args, add_shape_args, ArgumentParser, run_main, whole
-from sample import visited_times
+from sample import check_objective, visited_times
 from tools.readme import update_readme_block
 
 
@@ -143,10 +143,11 @@ def build_trainer(args: argparse.Namespace, device: torch.device) -> ddpm.Traine
     """The scripts' real Trainer on random images of the configuration (written into a temporary folder)."""
     argv = ["--image_size", str(args.image_size), "--c_in", str(args.c_in), "--width", str(args.width),
             "--batch_size", str(args.batch_size), "--precision", args.precision, "--device", str(device),
-            "--noise_steps", str(args.noise_steps), "--dataset_path", "synthetic", "--heads", str(args.heads),
+            "--dataset_path", "synthetic", "--heads", str(args.heads),
             "--channel_mult", *map(str, args.channel_mult), "--attention", *map(str, args.attention)]
     argv += (["--compile"] if args.compile else []) + (["--no-input_skip"] if args.original else [])
     argv += ["--objective", args.objective] + (["--immiscible"] if args.immiscible else [])
+    argv += ["--noise_steps", str(args.noise_steps or 1000)] if args.objective == "ddpm" else []  # a DDPM option
     script = ddpm_conditional if args.conditional else ddpm
     targs = script.parse_args(argv)
     targs.c_in, targs.num_classes_found, targs.class_names = args.c_in, 10, [str(i) for i in range(10)]
@@ -331,7 +332,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--original", action="store_true",
                    help="time the original's training: fp32, no input skip, attention through nn.MultiheadAttention "
                         "returning its weights")
-    p.add_argument("--noise_steps", type=whole(2), default=1000, help="diffusion steps T")
+    p.add_argument("--noise_steps", type=whole(2), default=None, help="diffusion steps T of DDPM (default: 1000)")
     p.add_argument("--full_chain", action="store_true",
                    help="time the original's sampler (ancestral, all T-1 steps) instead of the in-training grids'")
     p.add_argument("--objective", choices=ddpm.OBJECTIVES, default="ddpm", help="the training objective")
@@ -357,10 +358,13 @@ def main(argv: list[str] | None = None) -> None:
         if args.precision not in ("auto", "fp32"):
             raise UserError(f"--original trains in fp32, as the original did: drop --precision {args.precision}")
         args.precision = "fp32"
-    if args.sampler and (args.sampler in flow.SAMPLERS) != (args.objective == "flow"):
-        samplers = flow.SAMPLERS if args.objective == "flow" else ddpm.SAMPLERS
-        raise UserError(f"--sampler {args.sampler} does not apply to --objective {args.objective}: use "
-                        f"{' or '.join(samplers)}")
+    if args.sampler:
+        check_objective(args.sampler, f"--objective {args.objective}", args.objective == "flow")
+    if args.noise_steps and args.objective == "flow":
+        raise UserError(f"--noise_steps {args.noise_steps} is DDPM's: flow matching has no noise steps, drop it")
+    if args.full_chain and args.objective == "flow":
+        raise UserError("--full_chain times the DDPM chain's every step: a flow-matching step has no such chain, drop "
+                        "it (or --sampler euler --sample_steps N)")
     result = benchmark(args)
     print_table(result)
     if args.json:

@@ -23,9 +23,9 @@ from tqdm import tqdm
 
 import flow
 from modules import UNet
-from recipes import ORIGINAL_OPTIONS, RECIPES
+from recipes import RECIPES
 from runs import parse_run_args, real, Run, run_main, training_parser, whole
-from utils import batch_shape, get_data, to_images
+from utils import checked_inputs, get_data, to_images
 
 
 OBJECTIVES = ("ddpm", "flow")  # flow: flow matching (flow.py), a peer of this file's Diffusion
@@ -139,8 +139,7 @@ class Diffusion:
         steps unless told. `noise` is x_T (default N(0, I)); `callback(t, x_t)` sees every step; `start` begins at
         the first step at or below that timestep, `noise` then being x there (as img2img does)."""
         self.check_sampler(sampler, steps, eta)
-        shape = batch_shape(n, noise, self.c_in, self.img_size)
-        cond = self.condition(model, n, **cond)
+        shape, cond = checked_inputs(self, model, n, noise, cond)
         steps = 50 if sampler != "ddpm" and steps is None else steps
         was_training = model.training
         model.eval()
@@ -264,7 +263,6 @@ class Diffusion:
         if eta and sampler != "ddim":
             raise ValueError(f"eta is DDIM's noise: the {sampler} sampler takes none, got {eta:g}")
 
-    condition = flow.Flow.condition  # the extra arguments of sample(): none without labels, as for flow matching
 
 
 # --------------------------------------------------------------------------- Algorithm 1: training
@@ -291,14 +289,14 @@ class Trainer:
 
     def loss(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Algorithm 1, lines 3-5: t ~ Uniform, eps ~ N(0, I), and || eps - eps_theta(x_t, t) ||^2 (eq. 14). The
-        target is v with --prediction v, the velocity eps - x_0 with --objective flow (flow.py); --loss_weight
-        weights each image's error by its noise level; --immiscible pairs each image with a nearby noise."""
+        target is v with --prediction v; --loss_weight draws t and weights each image's error by it; --immiscible
+        pairs each image with a nearby noise. --objective flow: t, x_t and the target are flow matching's (flow.py)."""
         a, d = self.args, self.diffusion
         t = d.sample_timesteps(images.shape[0], edm=a.loss_weight == "edm")
         eps = torch.randn_like(images)
         if a.immiscible:
             eps = immiscible_noise(images, eps)
-        x_t, eps = d.noise_images(images, t, eps)
+        x_t, _ = d.noise_images(images, t, eps)
         with self.run.autocast():
             predicted = self.predict(x_t, d.network_time(t), labels)
         target = d.target(images, eps, t)
@@ -428,13 +426,14 @@ def build_parser(description: str = "Train an unconditional DDPM.", run_name: st
     p.add_argument("--immiscible", action=argparse.BooleanOptionalAction, default=None,
                    help=f"pair each image with a nearby noise of its batch (Li et al. 2024) {recipe('immiscible')}")
     p.add_argument("--sample_steps", type=whole(1), default=None,
-                   help=f"steps of the grids' sampler (default: {DEFAULT_SAMPLER} {DEFAULT_STEPS}, flow: {flow.DEFAULT_STEPS} heun)")
+                   help=f"steps of the grids' sampler (default: {DEFAULT_SAMPLER} {DEFAULT_STEPS}, "
+                        f"flow: {flow.DEFAULT_SAMPLER} {flow.DEFAULT_STEPS})")
     return p
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = build_parser()
-    return flow.check_args(parse_run_args(parser, argv, RECIPES, ORIGINAL_OPTIONS), parser, argv)
+    return flow.check_args(parse_run_args(parser, argv, RECIPES), parser, argv)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -19,7 +19,7 @@ import torch.nn as nn
 import ddpm
 import flow
 from modules import EMA, UNet_conditional
-from recipes import CFG_SCALE, CONDITIONAL_ORIGINAL_OPTIONS, CONDITIONAL_RECIPES
+from recipes import CFG_SCALE, CONDITIONAL_RECIPES
 from files import UserError
 from runs import parse_run_args, real, run_main, whole
 
@@ -43,8 +43,9 @@ class Guided:
         if cfg_scale <= 0 or cfg_scale == 1:
             return model(x, t, labels)
         inside = None
-        if guidance_interval is not None:
-            inside = (t >= guidance_interval[0]) & (t <= guidance_interval[1])
+        if guidance_interval is not None:  # a Flow's first time, 1000 t = 1000, counts as T - 1: its noisiest
+            time = t.clamp(max=self.noise_steps - 1)
+            inside = (time >= guidance_interval[0]) & (time <= guidance_interval[1])
             if not inside.any():  # nothing to guide at this step: one pass of n
                 return model(x, t, labels)
         no_label = torch.full_like(labels, -1)
@@ -148,7 +149,7 @@ class Trainer(ddpm.Trainer):
         return {**super().sampling(), "cfg_scale": self.args.cfg_scale, "guidance_interval": self.args.guidance_interval}
 
     def predict(self, x_t: torch.Tensor, t: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        # Drop each sample's label with probability label_drop: the model also learns eps(x_t, t).
+        # Drop each sample's label with probability label_drop: the model also learns the unconditional prediction.
         drop = torch.rand(labels.shape, device=labels.device) < self.args.label_drop
         return self.net(x_t, t, labels.masked_fill(drop, -1))
 
@@ -225,8 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = build_parser()
-    args = flow.check_args(parse_run_args(parser, argv, CONDITIONAL_RECIPES, CONDITIONAL_ORIGINAL_OPTIONS), parser,
-                           argv)
+    args = flow.check_args(parse_run_args(parser, argv, CONDITIONAL_RECIPES), parser, argv)
     if not 0 <= args.label_drop < 1:
         raise UserError(f"--label_drop must be in [0, 1), got {args.label_drop}")
     if args.ema_power < 0:

@@ -34,8 +34,8 @@ from devices import autocast, autocast_dtype, seed_everything
 from files import UserError, writable_folder
 from masks import MASK_RULE, coverage, load_mask
 from runs import add_runtime_args, ArgumentParser, real, run_main, whole
-from utils import (CHANNEL_MODES, check_image_file, IMAGE_EXTENSIONS, inspect_image, open_image, save_images,
-                   scan_folder, to_images, transforms)
+from utils import (CHANNEL_MODES, check_image_file, checked_inputs, IMAGE_EXTENSIONS, inspect_image, open_image,
+                   save_images, scan_folder, to_images, transforms)
 
 
 # =========================================================================== the editing methods
@@ -109,7 +109,7 @@ def inpaint(diffusion: Diffusion | Flow, model: nn.Module, images: torch.Tensor,
     device = next(model.parameters()).device
     x0 = from_images(images, device)
     mask = binary_mask(mask, tuple(x0.shape)).to(device)
-    cond = diffusion.condition(model, len(x0), **cond)
+    _, cond = checked_inputs(diffusion, model, len(x0), None, cond)
     # the time of each position on the chain (0 is x_T, the last the image), the move back up and the step down
     at, up, down = flow_moves(diffusion, model, sampler, steps, cond) if flow_run else \
         ddpm_moves(diffusion, model, sampler, steps, eta, cond)
@@ -249,7 +249,7 @@ def invert(diffusion: Diffusion | Flow, model: nn.Module, images: torch.Tensor, 
     diffusion._to(device)
     alpha_hat = diffusion.alpha_hat
     x = from_images(images, device)
-    cond = diffusion.condition(model, len(x), **cond)
+    _, cond = checked_inputs(diffusion, model, len(x), None, cond)
     up = [0] + diffusion.timesteps(steps).flip(0).tolist()
     for i, j in tqdm(list(zip(up[:-1], up[1:])), desc="inverting", leave=False, disable=not progress):
         eps = diffusion.eps_at(model, x, i, **cond)

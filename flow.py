@@ -18,9 +18,10 @@ import torch.nn as nn
 from tqdm import tqdm
 
 from files import UserError
-from utils import batch_shape, to_images
+from utils import checked_inputs, to_images
 
 SAMPLERS = ("euler", "heun")
+DDPM_OPTIONS = ("prediction", "loss_weight", "snr_gamma", "schedule", "noise_steps")  # refused with --objective flow
 # Heun evaluates the network twice a step but the last: 8 steps are 15 evaluations, as dpmpp2m-15.
 DEFAULT_SAMPLER, DEFAULT_STEPS = "heun", 8
 
@@ -49,7 +50,8 @@ class Flow:
 
     def sample_timesteps(self, n: int, edm: bool = False) -> torch.Tensor:
         """Logit-normal t (Esser et al. 2024, eq. 19, m = 0, s = 1): in (0, 1), dense in the middle."""
-        assert not edm, "EDM's noise levels are DDPM's lever: flow matching has its own"
+        if edm:
+            raise ValueError("EDM's noise levels are a lever of DDPM's: flow matching draws its own t")
         return torch.sigmoid(torch.randn(n, device=self.device))
 
     def network_time(self, t: torch.Tensor) -> torch.Tensor:
@@ -58,9 +60,6 @@ class Flow:
     def target(self, x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """The velocity of the path, v = eps - x_0."""
         return eps - x0
-
-    def snr(self, t: torch.Tensor) -> torch.Tensor:
-        return ((1 - t) / t) ** 2
 
     def network_output(self, model: nn.Module, x: torch.Tensor, time: torch.Tensor, **cond) -> torch.Tensor:
         """The network at (x_t, 1000 t). The conditional Flow adds labels and guidance here."""
@@ -82,8 +81,7 @@ class Flow:
         `start` begins at the first time at or below it, `noise` then being x there (as img2img does)."""
         steps = DEFAULT_STEPS if steps is None else steps
         self.check_sampler(sampler, steps, eta)
-        shape = batch_shape(n, noise, self.c_in, self.img_size)
-        cond = self.condition(model, n, **cond)
+        shape, cond = checked_inputs(self, model, n, noise, cond)
         was_training = model.training
         model.eval()
         device = next(model.parameters()).device
@@ -110,7 +108,7 @@ class Flow:
 
     def invert(self, model: nn.Module, x: torch.Tensor, steps: int = 50, **cond) -> torch.Tensor:
         """The same ODE run forwards, from data (t = 0) to noise (t = 1) in Euler steps: x_1 that samples back to x."""
-        cond = self.condition(model, x.shape[0], **cond)
+        _, cond = checked_inputs(self, model, x.shape[0], None, cond)
         times = self.times(steps)[::-1]
         with torch.inference_mode():
             for t, s in zip(times[:-1], times[1:]):
@@ -127,33 +125,27 @@ class Flow:
     def check_sampler(self, sampler: str, steps: int | None, eta: float = 0.0) -> None:
         """ValueError unless sampler is one of SAMPLERS, steps a whole number >= 1 and eta 0."""
         if sampler not in SAMPLERS:
-            raise ValueError(f"sampler '{sampler}' is DDPM's: a flow-matching model integrates its ODE with "
-                             f"{' or '.join(SAMPLERS)}")
+            raise ValueError(f"sampler must be {' or '.join(SAMPLERS)} for flow matching, which integrates an ODE, "
+                             f"got '{sampler}'")
         if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 1:
             raise ValueError(f"steps must be a whole number, at least 1, got {steps!r}")
         if eta:
             raise ValueError(f"eta is DDIM's noise: the {sampler} sampler takes none, got {eta:g}")
 
-    def condition(self, model: nn.Module, n: int, **cond) -> dict:
-        """sample()'s extra arguments for n images, checked: none for this one and ddpm.Diffusion, which shares this
-        check; ddpm_conditional's Diffusion and Flow take labels and guidance."""
-        if cond:
-            raise TypeError(f"sample() got {', '.join(sorted(cond))}, which {type(self).__module__}."
-                            f"{type(self).__name__} does not take (labels and guidance: ddpm_conditional."
-                            f"{type(self).__name__})")
-        return cond
-
 
 def check_args(args: argparse.Namespace, parser: argparse.ArgumentParser, argv: list[str] | None
                ) -> argparse.Namespace:
-    """A training run's flags for --objective flow: the network predicts the velocity under a plain MSE, so a
-    recipe's --prediction and --loss_weight (DDPM's) give way, and given ones are refused."""
+    """A training run's flags for --objective flow: the network predicts the velocity of a straight path under a
+    plain MSE, with logit-normal t, so a recipe's --prediction and --loss_weight (DDPM's) give way, and DDPM's
+    options given on the command line are refused."""
     if args.objective != "flow":
         return args
-    raw = parser.parse_args(argv)  # those two default to None: not None = given
-    given = [f"--{k} {getattr(raw, k)}" for k in ("prediction", "loss_weight") if getattr(raw, k) is not None]
+    unset = object()  # argparse keeps what the namespace holds unless the flag is given
+    raw = parser.parse_args(argv, argparse.Namespace(**{k: unset for k in DDPM_OPTIONS}))
+    given = [f"--{k} {getattr(raw, k)}" for k in DDPM_OPTIONS if getattr(raw, k) is not unset]
     if given:
-        raise UserError(f"{' and '.join(given)}: DDPM's options; flow matching predicts the velocity under a plain "
-                        f"MSE with logit-normal t: drop {'them' if len(given) > 1 else 'it'}")
+        raise UserError(f"{' and '.join(given)}: DDPM's, which flow matching does not use (it predicts the velocity "
+                        f"of a straight path, t logit-normal, under a plain MSE): drop "
+                        f"{'them' if len(given) > 1 else 'it'}")
     args.prediction, args.loss_weight = "velocity", "none"
     return args

@@ -106,8 +106,8 @@ class Run:
 
     def continue_schedule(self, optimizer: torch.optim.Optimizer, scheduler, saved_epochs: int,
                           steps_per_epoch: int) -> None:
-        """After a resume the optimisation flags given now win: the learning rate, the weight decay, and a schedule
-        that spans the --epochs given now."""
+        """After a resume the optimisation flags given now win: the learning rate, the weight decay, AdamW's beta2,
+        and a schedule that spans the --epochs given now."""
         a, total = self.args, self.args.epochs * steps_per_epoch
         if a.lr_schedule == "cosine" and a.epochs != saved_epochs and self.is_main:
             before = lr_factor(self.step, a, saved_epochs * steps_per_epoch)
@@ -117,6 +117,7 @@ class Run:
         for group in optimizer.param_groups:
             group["lr"] = a.lr * lr_factor(self.step, a, total)
             group["weight_decay"] = a.weight_decay
+            group["betas"] = (group["betas"][0], a.adam_beta2)
 
     def finished(self) -> bool:
         if self.epoch < self.args.epochs:
@@ -422,11 +423,11 @@ def add_shape_args(p: argparse.ArgumentParser, default: Callable[[str], str] = l
 
 # --------------------------------------------------------------------------- command line, resuming
 
-def parse_run_args(parser: argparse.ArgumentParser, argv: list[str] | None, recipes: dict,
-                   original_options: dict) -> argparse.Namespace:
+def parse_run_args(parser: argparse.ArgumentParser, argv: list[str] | None, recipes: dict) -> argparse.Namespace:
     """A training script's arguments: parse, fill the data-dependent defaults from `recipes[--dataset]` (or
     ["folder"]; a value may be a function of the other arguments), and check the values. A resumed run keeps its
-    own options, and gets `original_options` for those it predates."""
+    own options, and gets the original's (the folder recipe's) for those it predates."""
+    original_options = recipes["folder"]
     args = parser.parse_args(argv)
     if args.resume and args.overwrite:
         raise UserError("--resume continues a run and --overwrite deletes it: give one of them")
@@ -441,6 +442,8 @@ def parse_run_args(parser: argparse.ArgumentParser, argv: list[str] | None, reci
             setattr(args, key, value(args) if callable(value) else value)
     if args.image_size % 8:
         raise UserError(f"--image_size {args.image_size} must be a positive multiple of 8 (the UNet halves it 3 times)")
+    if not 0 <= args.adam_beta2 < 1:  # AdamW's second-moment decay: 1 would never forget, past it diverge
+        raise UserError(f"--adam_beta2 must be in [0, 1), got {args.adam_beta2:g}")
     args.attention = sorted(set(args.attention))  # a set of levels: in any order, once each
     problem = shape_problem(args.width, args.channel_mult, args.attention, args.heads)
     if problem:

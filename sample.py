@@ -297,7 +297,7 @@ def fill_sampling(args: argparse.Namespace, model: nn.Module, conditional: bool,
 
 def drift_warning(args: argparse.Namespace, model: nn.Module) -> str | None:
     """The warning for a deterministic sampler asked of the original's network (None for any other case)."""
-    if args.sampler != "ddpm" and model.inc_skip is None:
+    if args.sampler in ("ddim", "dpmpp2m") and model.inc_skip is None:
         return (f"warning: {args.run} is the original's network (no input skip), on which deterministic samplers "
                 f"drift (DDIM-50 drew the asked digit 16.5% of the time, docs/sampling.md): --sampler ddpm works")
     return None
@@ -346,12 +346,13 @@ def sampler_steps(args: argparse.Namespace, given: set[str], diffusion: ddpm.Dif
     return None if args.sampler == "ddpm" else most
 
 
-def visited_times(diffusion: ddpm.Diffusion | flow.Flow, sampler: str, steps: int | None) -> list[int]:
-    """The times at which a sampler asks the network, in its units (timesteps; 1000 t for flow matching)."""
+def visited_times(diffusion: ddpm.Diffusion | flow.Flow, sampler: str, steps: int | None) -> list[float]:
+    """The times at which a sampler asks the network, descending, as guidance compares them: timesteps, or for flow
+    matching 1000 t, the first (t = 1) counted as T - 1."""
     if isinstance(diffusion, flow.Flow):
         times = diffusion.times(steps)
-        asked = times[:-1] if sampler == "euler" else times[:-1] + times[1:-1]  # heun: both ends of each step but the last
-        return [round(diffusion.noise_steps * t) for t in asked]
+        asked = times[:-1] + ([] if sampler == "euler" else times[1:-1])  # heun: each step's end too, but the last
+        return sorted((min(diffusion.noise_steps * t, diffusion.noise_steps - 1) for t in asked), reverse=True)
     return diffusion.timesteps(steps, log_snr=sampler == "dpmpp2m").tolist()
 
 
@@ -378,7 +379,7 @@ def check_guidance(args: argparse.Namespace, given: set[str], classes: list[int]
                         f"({whose}), which does not guide (1, or 0 and below): give --cfg_scale too, or drop it")
     visited = visited_times(diffusion, args.sampler, steps)
     if not any(lo <= t <= hi for t in visited):
-        shown = ", ".join(map(str, visited[:8])) + (", ..." if len(visited) > 8 else "")
+        shown = ", ".join(f"{t:g}" for t in visited[:8]) + (", ..." if len(visited) > 8 else "")
         raise UserError(f"--guidance_interval {lo} {hi} would change nothing: the {args.sampler} sampler's "
                         f"{len(visited)} steps visit none of those timesteps ({shown}): widen it, or drop it")
 

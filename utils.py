@@ -504,15 +504,22 @@ def to_images(x: torch.Tensor) -> torch.Tensor:
     return (((x.clamp(-1, 1) + 1) / 2) * 255).round().to(torch.uint8)
 
 
-def batch_shape(n, noise: torch.Tensor | None, channels: int, size: int) -> tuple[int, int, int, int]:
-    """The shape of a sampler's n images; ValueError unless n is a whole number >= 1 and `noise` (x at the start,
-    or None) has that shape."""
+def checked_inputs(diffusion, model, n, noise: torch.Tensor | None, cond: dict) -> tuple[tuple[int, ...], dict]:
+    """A sampler's inputs, checked: the shape of its n images (ValueError unless n is a whole number >= 1 and
+    `noise`, x at the start or None, has that shape), and its labels and guidance: checked by a conditional
+    Diffusion or Flow (its `condition`, ddpm_conditional.Guided's), refused by an unconditional one (TypeError)."""
     if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1:
         raise ValueError(f"n must be a whole number of images, at least 1, got {n!r}")
-    shape = (n, channels, size, size)
+    shape = (n, diffusion.c_in, diffusion.img_size, diffusion.img_size)
     if noise is not None and tuple(noise.shape) != shape:
         raise ValueError(f"noise must have the shape of the n images, {shape}, got {tuple(noise.shape)}")
-    return shape
+    if hasattr(diffusion, "condition"):
+        return shape, diffusion.condition(model, n, **cond)
+    if cond:
+        kind = type(diffusion)
+        raise TypeError(f"sample() got {', '.join(sorted(cond))}, which {kind.__module__}.{kind.__name__} does not "
+                        f"take (labels and guidance: ddpm_conditional.{kind.__name__})")
+    return shape, cond
 
 
 def square_nrow(n: int) -> int:

@@ -88,5 +88,10 @@ def test_a_flow_step_with_immiscible_noise_is_benchmarked_and_named(in_tmp):
 
 
 def test_a_sampler_of_the_other_objective_is_refused(in_tmp):
-    with pytest.raises(UserError, match="--sampler ddim does not apply to --objective flow: use euler or heun"):
+    with pytest.raises(UserError, match="--sampler ddim does not apply to --objective flow, a flow-matching run: use "
+                                        "euler or heun"):
         benchmark.main([*TINY, "--objective", "flow", "--sampler", "ddim"])
+    with pytest.raises(UserError, match="--full_chain times the DDPM chain's every step"):
+        benchmark.main([*TINY, "--objective", "flow", "--full_chain"])
+    with pytest.raises(UserError, match="--noise_steps 50 is DDPM's: flow matching has no noise steps"):
+        benchmark.main([*TINY, "--objective", "flow", "--noise_steps", "50"])

@@ -153,16 +153,18 @@ def test_a_sampler_of_the_other_objective_is_refused_in_one_line(runs, tmp_path,
 
 
 def test_the_samplers_refuse_the_other_objective_in_the_api():
-    with pytest.raises(ValueError, match="sampler 'ddim' is DDPM's"):
+    with pytest.raises(ValueError, match="sampler must be euler or heun for flow matching, which integrates an ODE, "
+                                         "got 'ddim'"):
         flow.Flow(img_size=8).sample(UNet(c_in=3, c_out=3, width=8), 1, sampler="ddim")
     with pytest.raises(ValueError, match="sampler must be one of ddpm, ddim, dpmpp2m for a DDPM, got 'heun'"):
         ddpm.Diffusion(img_size=8).sample(UNet(c_in=3, c_out=3, width=8), 1, sampler="heun")
 
 
-@pytest.mark.parametrize("argv", [["--prediction", "v"], ["--loss_weight", "edm"], ["--loss_weight", "min_snr"]])
+@pytest.mark.parametrize("argv", [["--prediction", "v"], ["--loss_weight", "edm"], ["--loss_weight", "min_snr"],
+                                  ["--schedule", "cosine"], ["--noise_steps", "100"], ["--snr_gamma", "2.5"]])
 def test_ddpm_options_given_to_a_flow_run_are_refused_in_one_line(tmp_path, monkeypatch, argv):
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(UserError, match=f"{argv[0]} {argv[1]}: DDPM's options; flow matching predicts the velocity"):
+    with pytest.raises(UserError, match=f"{argv[0]} {argv[1]}: DDPM's, which flow matching does not use"):
         ddpm_conditional.parse_args(["--objective", "flow", *argv])
     assert not (tmp_path / "models").exists()
 

@@ -18,7 +18,8 @@ class ExactDenoiser(nn.Module):
     output follows from it: eps* = (x_t - a E[x_0 | x_t]) / s, v* = a eps* - s x_0 for a v-prediction DDPM, and the
     velocity eps* - x_0 for flow matching. Sampling with it ends on training images (the memorisation check flags
     it), so its FD is the best any model can score at the same setting. Each call compares every image with every
-    training image (float64): fine for the digits, slow for a folder of tens of thousands.
+    training image (float64): fine for the digits, slow for a folder of tens of thousands. At s = 0 (a flow's t = 0)
+    the posterior is a point and eps* is undefined (NaN): the samplers never ask there, Flow.invert's first step does.
     """
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor | None, diffusion, num_classes: int | None = None):
