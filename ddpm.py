@@ -264,7 +264,6 @@ class Diffusion:
             raise ValueError(f"eta is DDIM's noise: the {sampler} sampler takes none, got {eta:g}")
 
 
-
 # --------------------------------------------------------------------------- Algorithm 1: training
 
 class Trainer:
@@ -296,7 +295,7 @@ class Trainer:
         eps = torch.randn_like(images)
         if a.immiscible:
             eps = immiscible_noise(images, eps)
-        x_t, _ = d.noise_images(images, t, eps)
+        x_t, eps = d.noise_images(images, t, eps)
         with self.run.autocast():
             predicted = self.predict(x_t, d.network_time(t), labels)
         target = d.target(images, eps, t)

@@ -52,10 +52,10 @@ def run_steps(rank: int, world_size: int, folder: str, port: int) -> None:
     trainer.model.load_state_dict(initial_weights())  # whatever the world size (DDP would sync them anyway)
     d = trainer.diffusion
     for k in range(STEPS):
-        d.sample_timesteps = lambda n, k=k: t_all[k, share]
-        d.noise_images = lambda x, t, k=k: (d.alpha_hat[t].sqrt()[:, None, None, None] * x
-                                           + (1 - d.alpha_hat[t]).sqrt()[:, None, None, None] * eps_all[k, share],
-                                           eps_all[k, share])
+        d.sample_timesteps = lambda n, edm=False, k=k: t_all[k, share]
+        d.noise_images = lambda x, t, eps=None, k=k: (d.alpha_hat[t].sqrt()[:, None, None, None] * x
+                                                      + (1 - d.alpha_hat[t]).sqrt()[:, None, None, None]
+                                                      * eps_all[k, share], eps_all[k, share])
         trainer.train_step(images[k, share], torch.zeros(GLOBAL_BATCH // world_size))
     torch.save(trainer.model.state_dict(), f"rank{rank}_of{world_size}.pt")
 

@@ -221,6 +221,12 @@ def test_the_frontier_tool_trains_evaluates_reuses_and_reports(in_tmp, capsys, m
     stamp = (v_run / "resume.pt").stat().st_mtime_ns, own_report.stat().st_mtime_ns
     frontier.main(argv)
     assert ((v_run / "resume.pt").stat().st_mtime_ns, own_report.stat().st_mtime_ns) == stamp
+    # --block: the same runs, another block, results file and figure (nothing trained or evaluated again)
+    readme.write_text(readme.read_text() + "<!-- other:start -->\n<!-- other:end -->\n")
+    frontier.main([*argv, "--block", "other"])
+    assert ((v_run / "resume.pt").stat().st_mtime_ns, own_report.stat().st_mtime_ns) == stamp
+    assert (in_tmp / "results" / "other.json").is_file() and (in_tmp / "assets" / "other.png").is_file()
+    assert "python -m tools.frontier --name tiny --block other " in readme.read_text()
     # one setting for every run (here the v run alone): evaluated again (not trained), into its own folder
     frontier.main([*common, *v, "--eval_flags", "--cfg_scale 4 --guidance_interval 5 19"])
     rows = json.loads((in_tmp / "results" / "frontier_tiny.json").read_text())

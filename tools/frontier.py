@@ -8,8 +8,9 @@ recipe's defaults and the variant's flags, evaluated by `evaluate.py` at the run
 settings, or at the settings --eval_flags gives every run (an ablation of training options at one setting;
 the report goes to results/<run>/<the flags>/, beside the run's own). A run that is already trained and
 evaluated is reused, so an interrupted grid continues where it stopped. Writes results/frontier_NAME.json,
-assets/frontier_NAME.png and, with --readme FILE, the block `frontier_NAME` of FILE (docs/training.md holds
-them). Run it alone on the machine: its minutes are wall-clock.
+assets/frontier_NAME.png (and _best.png, the samples of the lowest FD) and, with --readme FILE, the block
+`frontier_NAME` of FILE (docs/training.md and docs/objectives.md hold them); --block renames those three, for
+another view of the same runs. Run it alone on the machine: its minutes are wall-clock.
 """
 import argparse
 import json
@@ -100,7 +101,9 @@ def readme_lines(args: argparse.Namespace, rows: list[dict], figure: Path) -> li
     variants = " ".join(f"--variant {shlex.quote(f'{v}={f}')}" for v, f in args.variant)
     eval_flags = f"--eval_flags {shlex.quote(args.eval_flags)} " if args.eval_flags else ""
     eval_flags += f"--judge_epochs {args.judge_epochs} " if args.judge_epochs else ""
-    command = (f"python -m tools.frontier --name {args.name} --dataset {args.dataset} --precision {args.precision} "
+    block = f"--block {args.block} " if args.block != f"frontier_{args.name}" else ""
+    command = (f"python -m tools.frontier --name {args.name} {block}--dataset {args.dataset} "
+               f"--precision {args.precision} "
                f"--epochs {' '.join(map(str, args.epochs))} --seeds {' '.join(map(str, args.seeds))} {variants} "
                f"{eval_flags}--readme {as_posix_relative(args.readme)}")
     settings = "the sampling settings below" if args.eval_flags else "each run's recommended sampling settings"
@@ -124,6 +127,9 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description="Quality against training minutes, from real runs.",
                                 formatter_class=HelpFormatter)
     p.add_argument("--name", required=True, help="names the runs, the results file and the README block")
+    p.add_argument("--block", default=None,
+                   help="names the results file, the figures and the README block instead: another view of the "
+                        "same runs, e.g. at other --eval_flags (default: frontier_NAME)")
     p.add_argument("--dataset", default="digits", help="the training scripts' --dataset")
     p.add_argument("--epochs", type=int, nargs="+", required=True, help="one run per value (per variant and seed)")
     p.add_argument("--variant", action="append", default=None, metavar="NAME=FLAGS",
@@ -140,19 +146,20 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--readme", default=None,
                    help="rewrite the block frontier_NAME of this markdown file (README.md or a page of docs/)")
     args = p.parse_args(argv)
+    args.block = args.block or f"frontier_{args.name}"
     args.variant = [v.split("=", 1) if "=" in v else (v, "") for v in args.variant or ["default="]]
 
     rows = [run_point(args, variant, flags, epochs, seed)
             for variant, flags in args.variant for seed in args.seeds for epochs in args.epochs]
-    save_json(rows, Path("results") / f"frontier_{args.name}.json")
-    figure = Path("assets") / f"frontier_{args.name}.png"
+    save_json(rows, Path("results") / f"{args.block}.json")
+    figure = Path("assets") / f"{args.block}.png"
     plot(rows, figure, f"{args.dataset}, {rows[0]['precision']}")
     for r in rows:
         print(f"{r['variant']:>12} {r['epochs']:>4} ep  seed {r['seed']}  {r['minutes']:5.1f} min  "
               f"acc {100 * r['accuracy']:5.1f}%  FD {r['fd']:.2f} ({r['fd'] / r['floor']:.1f}x floor)  "
               f"NN {r['nn_ratio']:.2f}")
     if args.readme:
-        update_readme_block(args.readme, f"frontier_{args.name}", lambda old: "\n".join(readme_lines(args, rows, figure)))
+        update_readme_block(args.readme, args.block, lambda old: "\n".join(readme_lines(args, rows, figure)))
 
 
 if __name__ == "__main__":
