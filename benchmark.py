@@ -147,7 +147,7 @@ def build_trainer(args: argparse.Namespace, device: torch.device) -> ddpm.Traine
             "--channel_mult", *map(str, args.channel_mult), "--attention", *map(str, args.attention)]
     argv += (["--compile"] if args.compile else []) + (["--no-input_skip"] if args.original else [])
     argv += ["--objective", args.objective] + (["--immiscible"] if args.immiscible else [])
-    argv += ["--noise_steps", str(args.noise_steps or 1000)] if args.objective == "ddpm" else []  # a DDPM option
+    argv += ["--noise_steps", str(args.noise_steps)] if args.noise_steps else []  # a DDPM option (main checks)
     script = ddpm_conditional if args.conditional else ddpm
     targs = script.parse_args(argv)
     targs.c_in, targs.num_classes_found, targs.class_names = args.c_in, 10, [str(i) for i in range(10)]
@@ -332,7 +332,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--original", action="store_true",
                    help="time the original's training: fp32, no input skip, attention through nn.MultiheadAttention "
                         "returning its weights")
-    p.add_argument("--noise_steps", type=whole(2), default=None, help="diffusion steps T of DDPM (default: 1000)")
+    p.add_argument("--noise_steps", type=whole(2), default=None,
+                   help="diffusion steps T of DDPM (default: the training scripts')")
     p.add_argument("--full_chain", action="store_true",
                    help="time the original's sampler (ancestral, all T-1 steps) instead of the in-training grids'")
     p.add_argument("--objective", choices=ddpm.OBJECTIVES, default="ddpm", help="the training objective")

@@ -36,6 +36,11 @@ PREDICTIONS = ("eps", "v")  # what the network outputs: the noise (the original'
 DEFAULT_SAMPLER, DEFAULT_STEPS = "dpmpp2m", 15
 
 
+def default_sampling(input_skip: bool) -> dict:
+    """The recommended sampler with the input skip (every run trained here), or without (the original's UNet())."""
+    return dict(sampler=DEFAULT_SAMPLER, steps=DEFAULT_STEPS) if input_skip else dict(sampler="ddpm", steps=50)
+
+
 class Diffusion:
     """The noise schedule, the forward process q(x_t | x_0) and the samplers of the reverse process. Timesteps are
     indices 0..T-1; as in the original, training and sampling use 1..T-1, and every chain ends at 0 (almost clean)."""
@@ -359,7 +364,7 @@ class Trainer:
         a = self.args
         if a.objective == "flow":
             return dict(sampler=flow.DEFAULT_SAMPLER, steps=a.sample_steps or flow.DEFAULT_STEPS)
-        sampler = DEFAULT_SAMPLER if a.input_skip else "ddpm"  # the original's UNet() drifts on the others
+        sampler = default_sampling(a.input_skip)["sampler"]
         return dict(sampler=sampler, steps=min(a.sample_steps or DEFAULT_STEPS, a.noise_steps - 1))
 
     def sample_grids(self) -> dict[str, torch.Tensor]:

@@ -155,9 +155,8 @@ def flow_moves(diffusion: Flow, model: nn.Module, sampler: str, steps: int, cond
         a = (1 - t) / (1 - s)
         return a * x + (t ** 2 - (a * s) ** 2) ** 0.5 * torch.randn_like(x)
 
-    def down(x: torch.Tensor, t: float, s: float) -> torch.Tensor:  # as Flow.sample: Heun's last step is Euler's
-        step = diffusion.euler_step if sampler == "euler" or s == 0 else diffusion.heun_step
-        return step(model, x, t, s, **cond)
+    def down(x: torch.Tensor, t: float, s: float) -> torch.Tensor:  # as Flow.sample steps
+        return diffusion.step(sampler, model, x, t, s, **cond)
     return diffusion.times(steps), up, down
 
 

@@ -15,7 +15,6 @@ before the work.
 """
 import argparse
 import importlib.util
-import json
 import math
 import time
 from pathlib import Path
@@ -27,7 +26,8 @@ from tqdm import tqdm
 
 from ddpm import SAMPLERS
 from flow import Flow
-from sample import add_sampler_args, check_guidance, fill_sampling, load_from_flags, sampler_steps, visited_times
+from sample import (add_sampler_args, check_guidance, fill_sampling, load_from_flags, run_config, sampler_steps,
+                    visited_times)
 from devices import autocast, autocast_dtype, seed_everything
 from files import load_checkpoint, save_checkpoint, save_json, UserError, writable_folder
 from runs import add_runtime_args, ArgumentParser, run_main, whole
@@ -319,7 +319,7 @@ def check_before_work(args: argparse.Namespace, run_dir: Path):
         raise UserError(f"'{run_dir}' is a file: give its run folder, whose run.json names the data to judge it by")
     if not (run_dir / "run.json").is_file():
         raise UserError(f"'{run_dir}' has no run.json: give a run folder written by ddpm.py or ddpm_conditional.py")
-    config = json.loads((run_dir / "run.json").read_text())
+    config = run_config(run_dir)
     if args.readme_block is not None and not args.readme:
         raise UserError(f"--readme_block {args.readme_block} names a block of the --readme file: give --readme too")
     out_dir = writable_folder(args.out_dir or Path("results") / run_dir.name)  # before the work, not after

@@ -89,12 +89,17 @@ class Flow:
         x = torch.randn(shape, device=device) if noise is None else noise.to(device)
         for t, s in tqdm(list(zip(times[:-1], times[1:])), desc=f"sampling ({sampler})", leave=False,
                          disable=not progress):
-            x = self.euler_step(model, x, t, s, **cond) if sampler == "euler" or s == 0 else \
-                self.heun_step(model, x, t, s, **cond)
+            x = self.step(sampler, model, x, t, s, **cond)
             if callback is not None:
                 callback(s, x)
         model.train(was_training)
         return to_images(x)
+
+    def step(self, sampler: str, model: nn.Module, x: torch.Tensor, t: float, s: float, **cond) -> torch.Tensor:
+        """One step of `sampler` from t to s; Heun's last step, to s = 0, is Euler's (EDM's Algorithm 1 too)."""
+        if sampler == "euler" or s == 0:
+            return self.euler_step(model, x, t, s, **cond)
+        return self.heun_step(model, x, t, s, **cond)
 
     def euler_step(self, model: nn.Module, x: torch.Tensor, t: float, s: float, **cond) -> torch.Tensor:
         """x_s = x_t + (s - t) v_theta(x_t, t)."""

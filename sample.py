@@ -243,8 +243,10 @@ def load_from_flags(run: str, no_ema: bool = False, device: str | None = None, i
 def size_warning(run: str, image_size: int | None) -> str | None:
     """The warning for --image_size other than the size the run learned (None for any other case): a UNet is
     convolutional, so it draws other sizes, but they are not what it was trained on."""
+    if image_size is None:  # nothing to compare: run.json stays unread
+        return None
     learned = run_config(run).get("diffusion_args", {}).get("img_size")
-    if image_size is None or learned is None or image_size == learned:
+    if learned is None or image_size == learned:
         return None
     return (f"warning: {run} learned {learned}x{learned} images (run.json); --image_size {image_size} samples "
             f"another size, which its convolutional UNet draws, though not as well")
@@ -272,11 +274,7 @@ def recommended(path: str | Path, model: nn.Module, conditional: bool | None = N
     if not Path(path).expanduser().exists():
         raise UserError(f"'{path}' does not exist: give the run folder or checkpoint file that load was given")
     saved = run_config(path).get("sampling", {})
-    # the recommended sampler with the input skip (every run trained here); the original's UNet() drifts on it
-    if getattr(model, "inc_skip", None) is not None:
-        settings = dict(sampler=ddpm.DEFAULT_SAMPLER, steps=ddpm.DEFAULT_STEPS)
-    else:
-        settings = dict(sampler="ddpm", steps=50)
+    settings = ddpm.default_sampling(getattr(model, "inc_skip", None) is not None)
     if hasattr(model, "num_classes") if conditional is None else conditional:
         settings.update(cfg_scale=CFG_SCALE, guidance_interval=None)
     settings.update({k: v for k, v in saved.items() if k in settings})

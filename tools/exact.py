@@ -48,5 +48,8 @@ class ExactDenoiser(nn.Module):
             logits = logits.masked_fill((y[:, None] >= 0) & (self.labels[None] != y[:, None]), -math.inf)
         x0 = torch.softmax(logits, dim=1) @ self.x0
         eps = (x_t - a * x0) / s
-        out = {"eps": eps, "v": a * eps - s * x0, "velocity": eps - x0}[self.prediction]
+        if self.prediction == "v":
+            out = a * eps - s * x0
+        else:
+            out = eps - x0 if self.prediction == "velocity" else eps
         return out.to(x.dtype).view_as(x)

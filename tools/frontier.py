@@ -92,7 +92,6 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     acc.legend()
     fd.legend()
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100))
     plt.close(fig)
 

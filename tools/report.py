@@ -65,8 +65,8 @@ def images_used(figures: dict, conditional: bool) -> list[str]:
     return lines + ([f"? unreliable: {'; '.join(short)}"] if short else [])
 
 
-def format_row(r: dict, conditional: bool, figures: dict | None = None) -> str:
-    f = figures or {}
+def format_row(r: dict, conditional: bool, f: dict) -> str:
+    """One setting's line of the table; `f` says which figures rest on too few images (marked ?)."""
     first = (f"acc {shown(r['accuracy'], '5.1f', percent=True)}{mark(f.get('accuracy'))}" if conditional
              else f"entropy {shown(r['class_entropy'], '.3f')}{mark(f.get('class_entropy'))}")
     return (f"{setting_name(r):20s} {first}  FD {shown(r['fd'], '8.3f')}{mark(f.get('fd'))}  "
